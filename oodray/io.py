@@ -1,0 +1,87 @@
+"""Files written atomically (temp file + rename) and checkpoints read as data (`weights_only=True`).
+
+Nothing here ever unpickles code: every torch load goes through `load_checkpoint`, which refuses a pickle that
+carries objects other than tensors and plain containers, and turns truncated/corrupt files into `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodray.errors import CheckpointError, OodrayError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
+    """torch.save to bytes, then an atomic write; returns the sha256 of what was written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: str | Path, *, what: str = "checkpoint", sha256: str | None = None) -> dict[str, Any]:
+    """Loads a checkpoint as data only; any failure is a one-line `CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} '{path}' does not exist")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{what} '{path}' does not match its recorded checksum (partial or altered write)")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt/unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{what} '{path}' holds objects other than tensors; refused to unpickle it "
+                                  "(only weights_only data is loaded)") from None
+        raise CheckpointError(f"{what} '{path}' is corrupt or not a torch checkpoint ({first[:120]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} '{path}' holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Creates the directory if needed and checks that files can be written there."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OodrayError(f"{what} '{p}' is not writable ({e.strerror or e})") from None
+    return p
+
+
+def safe_child(root: str | Path, name: str) -> Path:
+    """root/name, refusing names that are absolute or climb out of root ('..')."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise OodrayError(f"name '{name}' must be a relative path inside '{root}' (no '..', not absolute)")
+    return Path(root) / name

@@ -1,0 +1,1 @@
+"""Models: fixed classifiers (with normalisation folded in), translators, and the defended pipeline."""

@@ -1,0 +1,81 @@
+"""The defended model that every attacker sees: [0,1] image -> translator T -> fixed classifier C -> logits.
+
+With a gate (SSD-style Mahalanobis OOD score on C's features, threshold = a percentile of clean validation
+scores), inputs judged in-distribution skip T: `y = C(x) if score(x) <= tau else C(T(x))`. The hard routing is
+not differentiable, so the gate's mask is straight-through: the forward pass routes hard, the backward pass uses
+a sigmoid relaxation of (score - tau). The gate-aware attacker therefore gets a gradient that also pushes inputs
+under the threshold (BPDA for the gate), and attacks on this module are end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from oodray.models.classifier import Classifier
+
+
+def penultimate(classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """C's deepest feature map, globally average-pooled to one vector per image."""
+    f = classifier.features(x)[-1]
+    return f.mean(dim=(2, 3)) if f.ndim == 4 else f.flatten(1)
+
+
+class MahalanobisGate(nn.Module):
+    """OOD score = Mahalanobis distance of C's features to the clean training features (one Gaussian, SSD k=1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("precision", torch.eye(dim))
+        self.register_buffer("tau", torch.tensor(0.0))
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, classifier: Classifier, x_train: torch.Tensor, x_val: torch.Tensor,
+            percentile: float = 95.0) -> MahalanobisGate:
+        f = torch.cat([penultimate(classifier, x_train[i:i + 512]) for i in range(0, len(x_train), 512)]).double()
+        gate = cls(f.shape[1])
+        mean = f.mean(0)
+        cov = torch.cov((f - mean).T) + 1e-3 * torch.eye(f.shape[1], dtype=f.dtype)
+        gate.mean.copy_(mean.float())
+        gate.precision.copy_(torch.linalg.inv(cov).float())
+        val_scores = gate.score(classifier, x_val)
+        gate.tau.fill_(float(np.percentile(val_scores.numpy(), percentile)))
+        gate.temperature.fill_(max(float(val_scores.std()), 1e-3) / 4)
+        return gate
+
+    def score(self, classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
+        d = penultimate(classifier, x) - self.mean
+        return ((d @ self.precision) * d).sum(1).clamp_min(0).sqrt()
+
+    @torch.no_grad()
+    def flags(self, classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
+        return self.score(classifier, x) > self.tau
+
+
+class DefendedModel(nn.Module):
+    """C(T(x)), optionally gated. The classifier stays frozen; only T is ever trained."""
+
+    def __init__(self, classifier: Classifier, translator: nn.Module, gate: MahalanobisGate | None = None) -> None:
+        super().__init__()
+        self.classifier, self.translator, self.gate = classifier, translator, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        translated = self.classifier(self.translator(x))
+        if self.gate is None:
+            return translated
+        s = self.gate.score(self.classifier, x)
+        hard = (s > self.gate.tau).to(x.dtype)
+        soft = torch.sigmoid((s - self.gate.tau) / self.gate.temperature)
+        m = (hard + (soft - soft.detach())).view(-1, 1)
+        return m * translated + (1 - m) * self.classifier(x)
+
+    @torch.no_grad()
+    def flag_rate(self, x: torch.Tensor) -> float | None:
+        """Share of inputs the gate sends through T (None when ungated: T sees every input)."""
+        if self.gate is None:
+            return None
+        return float(self.gate.flags(self.classifier, x).float().mean())
