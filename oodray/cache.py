@@ -95,7 +95,8 @@ def build_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path) -> tuple
     log.info("oblivious cache %s: generating %d of %d shards as Ray tasks", d, len(todo),
              (n + SHARD_SIZE - 1) // SHARD_SIZE)
     state_ref = ray.put(load_checkpoint(classifier_path, what="classifier checkpoint"))
-    task = ray.remote(num_cpus=1, max_retries=2)(_generate_shard)
+    # DEFAULT scheduling: inside a Tune trial, tasks must not be captured by the trial's placement group.
+    task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="DEFAULT")(_generate_shard)
     pending = {task.remote(cfg.to_dict(), state_ref, s, e, str(d / f"shard-{sid}.pt")): (sid, s, e)
                for sid, s, e in todo}
     while pending:

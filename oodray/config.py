@@ -275,8 +275,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "classifier": {"arch": "small_cnn", "epochs": 30, "batch_size": 64},
         "translator": {"arch": "unet", "depth": 2, "width": 16},
         "attack": {"eps": 0.2, "steps": 10},
-        "train": {"epochs": 6, "batch_size": 64, "proxy_examples": 200},
-        "eval": {"n_examples": 360, "shards": 2},
+        "train": {"epochs": 3, "batch_size": 64, "proxy_examples": 180},
+        "eval": {"n_examples": 200, "shards": 2},
+        "tune": {"num_samples": 4, "final_top_k": 1},
     },
     "fashion-mnist": {
         "classifier": {"arch": "small_cnn", "epochs": 8},

@@ -99,7 +99,11 @@ def proxy_metrics(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch
     g = torch.Generator(device=x_val.device).manual_seed(cfg.train.seed)
     x_adv = pgd(defended, x_val, y_val, eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.train.proxy_steps,
                 generator=g)
-    out = {"clean_accuracy": _accuracy(defended, x_val, y_val), "robust_accuracy": _accuracy(defended, x_adv, y_val)}
+    out = {"clean_accuracy": _accuracy(defended, x_val, y_val), "robust_accuracy": _accuracy(defended, x_adv, y_val),
+           "classifier_clean_accuracy": _accuracy(defended.classifier, x_val, y_val)}
+    # The search objective: robust accuracy, penalised once clean accuracy falls more than the allowed drop.
+    excess = max(0.0, out["classifier_clean_accuracy"] - out["clean_accuracy"] - cfg.tune.min_clean_accuracy_drop)
+    out["objective"] = out["robust_accuracy"] - 10.0 * excess
     rate = getattr(defended, "flag_rate", lambda _x: None)
     if rate(x_val) is not None:
         out["gate_flag_rate_clean"], out["gate_flag_rate_attacked"] = rate(x_val), rate(x_adv)
@@ -317,7 +321,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
                  configure_logging=False)
 
 

@@ -1,0 +1,207 @@
+"""Results tables of a search experiment: ranked trials with their knobs, proxy and AutoAttack numbers, and plots.
+
+    python -m oodray.results runs/tune-digits-robust-<hash>
+    python -m oodray.results runs/EXP_A --compare runs/EXP_B
+
+Reads only plain files (Tune's per-trial `params.json`/`result.json`, the experiment's `oodray_config.json`,
+the Train checkpoints and the evaluation `summary.json`s), never unpickles anything, and writes `results.csv`,
+`results.md`, `results.json` and `pareto.png` (clean vs robust accuracy, trials vs the undefended classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from oodray.cli import run
+from oodray.config import ExperimentConfig
+from oodray.errors import OodrayError
+from oodray.io import atomic_write_text
+
+KNOBS = ["translator.depth", "translator.width", "translator.blocks", "translator.downsamplings", "translator.norm",
+         "translator.residual", "train.regime", "train.lr"]
+WEIGHTS = ["loss.pixel", "loss.consistency", "loss.ce", "loss.feature", "loss.identity", "loss.gan"]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by an interruption
+    return rows
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    ckpts = sorted(run_dir.glob("checkpoint_*/translator.pt"))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:
+    """One record per Tune trial: params, resolved config, per-epoch history, last metrics, latest checkpoint."""
+    from oodray.tune import trial_overrides
+
+    exp_dir = Path(exp_dir)
+    cfg_path = exp_dir / "oodray_config.json"
+    if not cfg_path.exists():
+        raise OodrayError(f"'{exp_dir}' is not an oodray experiment (no oodray_config.json)")
+    base = ExperimentConfig.from_dict(json.loads(cfg_path.read_text()))
+    trials = []
+    for params_file in sorted(exp_dir.glob("*/params.json")):
+        tdir = params_file.parent
+        history = _read_jsonl(tdir / "result.json")
+        if not history:
+            continue
+        params = json.loads(params_file.read_text())
+        trial_id = history[-1].get("trial_id") or tdir.name
+        cfg = base.replace(**trial_overrides(params, base))
+        trials.append({
+            "trial_id": trial_id, "params": params, "config": cfg.to_dict(), "history": history,
+            "metrics": history[-1], "checkpoint": latest_checkpoint(exp_dir / "train" / f"trial-{trial_id}"),
+        })
+    return trials
+
+
+def rank_trials(trials: list[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
+    def key(t: dict[str, Any]) -> tuple[float, float]:
+        m = t["metrics"]
+        first = m.get("robust_accuracy" if objective == "pareto" else "objective", -math.inf)
+        return (first if first is not None else -math.inf, m.get("clean_accuracy") or -math.inf)
+
+    return sorted(trials, key=key, reverse=True)
+
+
+def _eval_columns(summary: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"AA clean C": summary.get("clean_accuracy_classifier"),
+                           "AA clean C(T)": summary.get("clean_accuracy_defended")}
+    for k, v in sorted(summary.get("robust", {}).items()):
+        row[f"AA {k}"] = v
+    shifts = summary.get("shifts") or {}
+    if shifts:
+        row["shifts mean C(T)"] = sum(s["defended"] for s in shifts.values()) / len(shifts)
+        for name, s in sorted(shifts.items()):
+            row[f"shift {name}"] = s["defended"]
+    return row
+
+
+def build_table(exp_dir: str | Path) -> pd.DataFrame:
+    """The ranked table: trials (best first) and the undefended classifier, one row each."""
+    exp_dir = Path(exp_dir)
+    base = json.loads((exp_dir / "oodray_config.json").read_text()) if (exp_dir / "oodray_config.json").exists() else {}
+    objective = base.get("tune", {}).get("objective", "robust")
+    rows = []
+    for rank, t in enumerate(rank_trials(load_trials(exp_dir), objective), 1):
+        cfg, m = ExperimentConfig.from_dict(t["config"]), t["metrics"]
+        d = cfg.to_dict()
+        row: dict[str, Any] = {"rank": rank, "trial": f"trial-{t['trial_id']}", "arch": cfg.translator.arch}
+        for k in KNOBS + WEIGHTS:
+            sec, key = k.split(".")
+            row[k.split(".")[1] if sec != "loss" else f"w_{key}"] = d[sec][key]
+        row["attacks"] = "+".join(cfg.attack.attacks)
+        row.update({"clean acc (proxy)": m.get("clean_accuracy"), "robust acc (proxy, adaptive PGD)":
+                    m.get("robust_accuracy"), "objective": m.get("objective"), "epochs": m.get("epoch"),
+                    "time s": round(m.get("time_total_s") or 0.0, 1)})
+        summary = exp_dir / "eval" / f"trial-{t['trial_id']}" / "summary.json"
+        if summary.exists():
+            row.update(_eval_columns(json.loads(summary.read_text())))
+        rows.append(row)
+    und = exp_dir / "eval" / "undefended" / "summary.json"
+    if und.exists():
+        rows.append({"rank": None, "trial": "undefended", "arch": "identity", **_eval_columns(json.loads(und.read_text()))})
+    if not rows:
+        raise OodrayError(f"experiment '{exp_dir}' has no finished trial results yet")
+    return pd.DataFrame(rows)
+
+
+def write_outputs(table: pd.DataFrame, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    atomic_write_text(out / "results.md", table.to_markdown(index=False, floatfmt=".4f")
+                      if _has_tabulate() else table.to_string(index=False))
+    atomic_write_text(out / "results.json", table.to_json(orient="records", indent=1))
+    plot_pareto(table, out / "pareto.png")
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _robust_column(table: pd.DataFrame) -> str | None:
+    cols = [c for c in table.columns if c.startswith("AA adaptive/")]
+    return cols[0] if cols else None
+
+
+def plot_pareto(table: pd.DataFrame, path: Path) -> None:
+    """Clean vs robust accuracy: AutoAttack adaptive where evaluated, else the proxy; undefended as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    trials = table[table["trial"] != "undefended"]
+    ax.scatter(trials["clean acc (proxy)"], trials["robust acc (proxy, adaptive PGD)"], c="tab:blue",
+               label="trials (proxy: PGD end to end, validation)")
+    rc = _robust_column(table)
+    if rc:
+        ev = table[table[rc].notna()]
+        ax.scatter(ev["AA clean C(T)"], ev[rc], marker="s", c=["tab:red" if t == "undefended" else "tab:green"
+                                                              for t in ev["trial"]], s=60)
+        for _, r in ev.iterrows():
+            ax.annotate(r["trial"], (r["AA clean C(T)"], r[rc]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter([], [], marker="s", c="tab:green", label=f"{rc} (test subset)")
+        ax.scatter([], [], marker="s", c="tab:red", label="undefended classifier")
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel("robust accuracy")
+    ax.set_title("clean vs robust accuracy (adaptive attacker)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -> pd.DataFrame:
+    """Best trial and undefended row of two experiments side by side."""
+    def pick(t: pd.DataFrame) -> pd.DataFrame:
+        return pd.concat([t[t["trial"] != "undefended"].head(1), t[t["trial"] == "undefended"]])
+
+    return pd.concat([pick(a).assign(experiment=name_a), pick(b).assign(experiment=name_b)], ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m oodray.results", description=__doc__.split("\n")[0])
+    p.add_argument("experiment", help="experiment directory (storage/name)")
+    p.add_argument("--compare", help="a second experiment directory to compare with")
+    args = p.parse_args(argv)
+    exp = Path(args.experiment)
+    if not exp.is_dir():
+        raise OodrayError(f"experiment directory '{exp}' does not exist")
+    table = build_table(exp)
+    write_outputs(table, exp)
+    print(table.to_string(index=False))
+    if args.compare:
+        other = Path(args.compare)
+        if not other.is_dir():
+            raise OodrayError(f"experiment directory '{other}' does not exist")
+        print("\n" + compare(table, build_table(other), exp.name, other.name).to_string(index=False))
+    print(f"\nwrote {exp / 'results.csv'}, results.md, results.json, pareto.png")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
