@@ -8,6 +8,7 @@ is how Ray workers get it back on their first line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -386,7 +387,7 @@ def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
         if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "space":
             _deep_merge(dst[k], v)
         else:
-            dst[k] = v
+            dst[k] = copy.deepcopy(v)  # never alias a layer (e.g. PRESETS) that later layers would mutate
 
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
@@ -449,6 +450,11 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
             return v
         raise ConfigError(f"config key '{key}' must be an integer, got {v!r}")
     if tp is float:
+        if isinstance(v, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
         raise ConfigError(f"config key '{key}' must be a number, got {v!r}")

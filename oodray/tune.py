@@ -17,7 +17,6 @@ shifts, through the evaluation fan-out, and the results table is printed (see `o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time

@@ -1,0 +1,80 @@
+"""Ray Train translator training on a real local Ray: 2 workers, checkpoints, resume; the oblivious cache."""
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+from oodray.cache import build_oblivious_cache, cache_dir, load_oblivious_cache
+from oodray.classifier import get_classifier
+from oodray.config import resolve_config
+from oodray.train import fit_translator, load_translator_checkpoint, prepare_run
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(**over):
+    base = {"train.workers": 2, "train.cpus_per_worker": 0.5, "train.epochs": 1, "train.max_batches": 3,
+            "train.proxy_examples": 16}
+    base.update(over)
+    return resolve_config("synthetic", overrides=[f"{k}={v}" for k, v in base.items()])
+
+
+def test_two_worker_training_checkpoints_and_resumes(ray_local, tmp_path):
+    cfg = _cfg()
+    result = fit_translator(cfg, prepare_run(cfg), storage=str(tmp_path), name="run")
+    assert result.error is None
+    assert result.metrics["epoch"] == 1 and result.metrics["world_size"] == 2
+    for k in ("clean_accuracy", "robust_accuracy", "loss_total", "loss_pixel", "objective"):
+        assert k in result.metrics
+    state = load_translator_checkpoint(result.checkpoint.path)
+    assert state["epoch"] == 1 and state["config"]["train"]["workers"] == 2 and "optimizer" in state
+    first = state["translator"]
+
+    # The same run name with more epochs continues from the checkpoint: epoch 2 only, the counter continuing.
+    cfg2 = cfg.replace(**{"train.epochs": 2})
+    result2 = fit_translator(cfg2, prepare_run(cfg2), storage=str(tmp_path), name="run")
+    assert result2.error is None and result2.metrics["epoch"] == 2
+    state2 = load_translator_checkpoint(result2.checkpoint.path)
+    assert state2["epoch"] == 2
+    assert any(not torch.equal(first[k], state2["translator"][k]) for k in first)
+    assert result2.metrics["resumed_from_epoch"] == 1  # epoch 1 was not trained again
+    assert result.metrics["resumed_from_epoch"] == 0
+
+
+def test_adaptive_regime_and_gate(ray_local, tmp_path):
+    cfg = _cfg(**{"train.regime": "adaptive", "train.workers": 1, "translator.gate": True, "loss.gan": 0.1})
+    result = fit_translator(cfg, prepare_run(cfg), storage=str(tmp_path), name="adaptive")
+    assert result.error is None
+    m = result.metrics
+    assert 0.0 <= m["gate_flag_rate_clean"] <= 0.5 and "gate_flag_rate_attacked" in m
+    assert "loss_gan" in m and "loss_discriminator" in m
+    assert load_translator_checkpoint(result.checkpoint.path)["gate"] is not None
+
+
+def test_oblivious_cache_is_reused_and_partial_shards_regenerated(ray_local):
+    cfg = resolve_config("synthetic", overrides=["attack.attacks=[pgd, fgsm]"])
+    _, cpath = get_classifier(cfg)
+    d, generated = build_oblivious_cache(cfg, cpath)
+    assert d == cache_dir(cfg, cpath)
+    x = load_oblivious_cache(d)
+    assert x.dtype == torch.float16 and x.shape == (400, 1, 8, 8)
+    assert build_oblivious_cache(cfg, cpath)[1] == 0  # second run generates nothing
+    # An interrupted write: a shard cut short is detected by its checksum and only it is regenerated.
+    shard = d / "shard-00000.pt"
+    shard.write_bytes(shard.read_bytes()[:50])
+    assert build_oblivious_cache(cfg, cpath)[1] == 1
+    assert torch.equal(load_oblivious_cache(d), x)
+    # Another attack config gets its own cache.
+    other = cfg.replace(**{"attack.eps": 0.05})
+    assert cache_dir(other, cpath) != d
+
+
+def test_train_cli_bad_inputs_exit_2():
+    assert_one_line_error(run_cli("oodray.train", "--dataset", "synthetic", "--set", "translator.arch=vit"),
+                          "unknown translator 'vit'")
+    assert_one_line_error(run_cli("oodray.train", "--dataset", "digits", "--set", "translator.depth=4"),
+                          "downsamples by 16")
+    assert_one_line_error(run_cli("oodray.train", "--dataset", "digits", "--set", "attack.eps=1.5"), "attack.eps")
+    assert_one_line_error(run_cli("oodray.train", "--dataset", "digits", "--set", "loss.pixel=-1"), "loss.pixel")
+    assert_one_line_error(run_cli("oodray.train", "--dataset", "digits", "--set", "loss.perceptual=1"),
+                          "loss.perceptual")
