@@ -114,7 +114,8 @@ def build_table(exp_dir: str | Path) -> pd.DataFrame:
         rows.append(row)
     und = exp_dir / "eval" / "undefended" / "summary.json"
     if und.exists():
-        rows.append({"rank": None, "trial": "undefended", "arch": "identity", **_eval_columns(json.loads(und.read_text()))})
+        summary = json.loads(und.read_text())
+        rows.append({"rank": None, "trial": "undefended", "arch": "identity", **_eval_columns(summary)})
     if not rows:
         raise OodrayError(f"experiment '{exp_dir}' has no finished trial results yet")
     return pd.DataFrame(rows)

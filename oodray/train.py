@@ -199,7 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
         metrics: dict[str, Any] = {f"loss_{k}": v / max(1, n_batches) for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, epoch_seconds=time.time() - t0, world_size=world, resumed_from_epoch=start_epoch)
+        metrics.update(epoch=epoch + 1, epoch_seconds=time.time() - t0, world_size=world,
+                       resumed_from_epoch=start_epoch)
         if rank == 0:
             raw_t.eval()
             metrics.update(proxy_metrics(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val))

@@ -167,7 +167,8 @@ def precompute_caches(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]]) 
 def experiment_name(cfg: ExperimentConfig, objective: str) -> str:
     from oodray.train import config_hash
 
-    return cfg.name or f"tune-{cfg.data.name}-{objective}-{config_hash(cfg, ('data', 'classifier', 'attack', 'train', 'tune'))}"
+    digest = config_hash(cfg, ('data', 'classifier', 'translator', 'loss', 'attack', 'train', 'tune'))
+    return cfg.name or f"tune-{cfg.data.name}-{objective}-{digest}"
 
 
 def cluster_concurrency(cfg: ExperimentConfig) -> int:

@@ -92,7 +92,8 @@ def test_imagenet_imagefolder(tmp_path):
         for cls in ("n01", "n02"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.JPEG")
+                img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+                img.save(tmp_path / split / cls / f"{i}.JPEG")
     s = load_dataset(DataConfig(name="imagenet", data_dir=str(tmp_path), image_size=32))
     assert s.info.num_classes == 2 and len(s.test) == 6
     _check_split(s.test, (3, 32, 32))
