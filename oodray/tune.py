@@ -251,6 +251,9 @@ def final_evaluation(cfg: ExperimentConfig, exp_dir: Path) -> None:
         (cfg.replace(**{"translator.arch": "identity"}), None, "undefended")]
     jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], f"trial-{t['trial_id']}") for t in top]
     for job_cfg, ckpt, label in jobs:
+        if (exp_dir / "eval" / label / "summary.json").exists():
+            log.info("%s already evaluated; kept", label)
+            continue
         log.info("final AutoAttack evaluation of %s", label)
         run_evaluation(job_cfg, checkpoint=ckpt, out_dir=exp_dir / "eval" / label, label=label)
 

@@ -1,0 +1,113 @@
+"""`python -m oodray.tune` end to end on a real local Ray (tiny search on synthetic data), resume, results CLI."""
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from oodray.errors import ConfigError
+from oodray.tune import CONDITIONAL, SPACE, DefineByRun, narrowed_space
+
+pytestmark = pytest.mark.ray
+
+TINY = ["--dataset", "synthetic", "--num-samples", "2", "--epochs", "1", "--final-top-k", "1",
+        "--set", "eval.n_examples=16", "--set", "train.max_batches=4", "--set", "train.proxy_examples=16",
+        "--set", "train.cpus_per_worker=0.5", "--set", "tune.space={translator.width: [8], translator.blocks: [1]}"]
+
+
+def test_conditional_parameters_only_for_their_architecture():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    define = DefineByRun(narrowed_space({}), max_depth=3)
+    for _ in range(30):
+        trial = study.ask()
+        define(trial)
+        arch = trial.params["translator.arch"]
+        for key, owner in CONDITIONAL.items():
+            assert (key in trial.params) == (owner == arch), (key, arch, trial.params)
+        assert trial.params.get("translator.depth", 1) <= 3
+        study.tell(trial, 0.0)
+    seen = {t.params["translator.arch"] for t in study.trials}
+    assert seen == {"unet", "resnet"}
+
+
+def test_space_narrowing():
+    s = narrowed_space({"translator.arch": ["unet"], "loss.gan": 0.0, "train.lr": {"low": 1e-4, "high": 1e-3}})
+    assert s["translator.arch"] == ("cat", ["unet"]) and s["loss.gan"] == ("fixed", 0.0)
+    assert s["train.lr"][1][:2] == (1e-4, 1e-3)
+    with pytest.raises(ConfigError, match="narrows 'translator.arch' to nothing"):
+        narrowed_space({"translator.arch": []})
+    with pytest.raises(ConfigError, match="'translator.heads' is not searched"):
+        narrowed_space({"translator.heads": [2]})
+    assert set(SPACE) >= set(CONDITIONAL)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("tune")
+    proc = run_cli("oodray.tune", *TINY, "--storage", str(storage), "--name", "tiny")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "tiny", proc
+
+
+def test_tiny_search_yields_a_full_table(experiment):
+    exp, proc = experiment
+    table = pd.read_csv(exp / "results.csv")
+    trials = table[table["trial"] != "undefended"]
+    assert len(trials) == 2 and (table["trial"] == "undefended").sum() == 1
+    for col in ("arch", "clean acc (proxy)", "robust acc (proxy, adaptive PGD)", "epochs", "time s", "w_pixel", "lr"):
+        assert trials[col].notna().all(), col
+    best, und = trials.iloc[0], table[table["trial"] == "undefended"].iloc[0]
+    aa_cols = [c for c in table.columns if c.startswith("AA ")]
+    assert {"AA oblivious/Linf/0.1", "AA adaptive/Linf/0.1", "AA transfer/Linf/0.1"} <= set(aa_cols)
+    for c in aa_cols + ["shifts mean C(T)"]:
+        assert pd.notna(best[c]) and pd.notna(und[c]), c
+    # The identity translator's adaptive and oblivious attackers are the same attacker.
+    assert und["AA adaptive/Linf/0.1"] == und["AA oblivious/Linf/0.1"]
+    assert und["AA clean C"] == und["AA clean C(T)"]
+    assert (exp / "pareto.png").stat().st_size > 1000 and (exp / "results.md").exists()
+    assert "undefended" in proc.stdout
+    for params in exp.glob("*/params.json"):
+        p = json.loads(params.read_text())
+        for key, owner in CONDITIONAL.items():
+            assert (key in p) == (owner == p["translator.arch"])
+
+
+def test_resume_does_not_rerun_finished_work(experiment):
+    exp, _ = experiment
+    before = {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")}
+    summaries = {p: p.stat().st_mtime for p in exp.glob("eval/*/*.json")}
+    proc = run_cli("oodray.tune", *TINY, "--storage", str(exp.parent), "--name", "tiny", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")} == before
+    assert {p: p.stat().st_mtime for p in exp.glob("eval/*/*.json")} == summaries
+    assert len(pd.read_csv(exp / "results.csv")) == 3
+
+
+def test_results_cli_reads_an_earlier_experiment(experiment, tmp_path):
+    exp, _ = experiment
+    proc = run_cli("oodray.results", str(exp), "--compare", str(exp))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trial-" in proc.stdout and "undefended" in proc.stdout
+    assert_one_line_error(run_cli("oodray.results", str(tmp_path / "nope")), "does not exist")
+    assert_one_line_error(run_cli("oodray.results", str(tmp_path)), "not an oodray experiment")
+
+
+def test_existing_experiment_is_not_overwritten(experiment):
+    exp, _ = experiment
+    proc = run_cli("oodray.tune", *TINY, "--storage", str(exp.parent), "--name", "tiny")
+    assert_one_line_error(proc, "already exists", "--resume")
+    assert (exp / "results.csv").exists()
+
+
+def test_bad_inputs_exit_2(tmp_path):
+    base = ["oodray.tune", "--dataset", "synthetic", "--storage", str(tmp_path)]
+    assert_one_line_error(run_cli(*base, "--objective", "fastest"), "fastest", "robust")
+    assert_one_line_error(run_cli("oodray.tune", "--dataset", "svhn"), "unknown dataset 'svhn'")
+    assert_one_line_error(run_cli(*base, "--set", "tune.space={translator.arch: []}"), "to nothing")
+    assert_one_line_error(run_cli(*base, "--resume", "--name", "never-ran"), "no experiment 'never-ran'")
+    assert_one_line_error(run_cli(*base, "--gpus-per-worker", "1", "--name", "gpu"), "GPUs", "cluster has 0")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli("oodray.tune", "--dataset", "synthetic", "--storage", str(blocker)), "not writable")
