@@ -15,11 +15,13 @@ A point counts as robust when the defence classifies both x and its adversarial 
 submit either), so robust accuracy never exceeds the defence's clean accuracy.
 
 Determinism: pyautoattack reseeds torch on every perturb() call and draws random starts of the whole batch's shape, so a
-point's attack depends on which points share its batch. The evaluation subset is therefore cut into fixed blocks of
-`eval.batch_size` consecutive examples, each attacked on its own (one AutoAttack cascade and one batch per block), and a
-shard is a contiguous run of whole blocks. Every model call sees the same blocks whatever the number of shards, so the
-merged flags equal a single-process run (shards=1) bit for bit. Set `eval.batch_size` near n_examples / shards for
-even shards; larger blocks vectorise better (on CPU ~1.1 s per surviving image at 32 per block, ~11 s at 1).
+point's attack depends on which points share its batch (seen: the same 16 points attacked as one batch or as two
+batches of 8 get adversarial images up to 2 eps apart). The evaluation subset is therefore cut into fixed blocks of
+consecutive examples, each attacked on its own (one AutoAttack cascade, one batch per attack), and a shard is a
+contiguous run of whole blocks. The block size depends only on n_examples and `eval.batch_size` (see `block_size`), so
+every model call sees the same blocks whatever the number of shards, and the merged flags equal a single-process run
+(shards=1) bit for bit. There are at most as many shards as blocks: lower `--batch-size` for more. Larger blocks
+vectorise better (on CPU, digits' CNN: ~1.1 s per image that survives the cascade at 32 per block, ~11 s at 1).
 
 out_dir holds `<threat>-<norm>-<eps>.json` per attack, `clean.json`, `shifts.json` and `summary.json`, each with the
 resolved config; AutoAttack state per block lives under `state/`, so a killed task (retried by Ray) resumes there.
@@ -35,6 +37,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 RESULT_FORMAT = "oodray.eval/1"
 BASELINES = ("identity", "bitdepth")  # translators that need no checkpoint
 MAX_RETRIES = 3
+TARGETS = {"oblivious": "classifier", "adaptive": "defended", "transfer": "surrogate"}  # what each attacker attacks
 
 
 class EvaluationFailed(RuntimeError):
@@ -57,6 +62,12 @@ class EvaluationFailed(RuntimeError):
 
 
 # --- shards and models -----------------------------------------------------------------------------------------
+
+
+def block_size(n: int, batch_size: int) -> int:
+    """Examples per AutoAttack block: n split into equal blocks of at most `eval.batch_size`, and into at least two so
+    that the default two shards both have work. Depends on n and batch_size only, never on the number of shards."""
+    return math.ceil(n / max(math.ceil(n / batch_size), min(2, n)))
 
 
 def shard_ranges(n: int, block: int, shards: int) -> list[tuple[int, int]]:
@@ -79,7 +90,7 @@ def build_defended(cfg: ExperimentConfig, classifier: torch.nn.Module, translato
 
 
 def is_stochastic(defended: torch.nn.Module, x: torch.Tensor) -> bool:
-    """True if T declares itself stochastic or two eval-mode passes with different seeds disagree (e.g. live dropout)."""
+    """True if T says it is stochastic, or two eval-mode passes with different seeds disagree (e.g. live dropout)."""
     if getattr(defended.translator, "stochastic", False):
         return True
     defended.eval()
@@ -92,6 +103,9 @@ def is_stochastic(defended: torch.nn.Module, x: torch.Tensor) -> bool:
 
 
 def _task_setup(cfg: ExperimentConfig) -> torch.device:
+    if not logging.getLogger().handlers:  # a fresh Ray worker: its per-block lines (and resumes) reach the driver
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("auto-attack").setLevel(logging.WARNING)  # repeats its settings for every block
     torch.set_num_threads(max(1, int(cfg.eval.cpus_per_task)))
     use_cuda = cfg.eval.gpus_per_task > 0 and torch.cuda.is_available()
     return torch.device("cuda" if use_cuda else "cpu")
@@ -112,7 +126,7 @@ def attack_shard(job: dict[str, Any], classifier_state: dict[str, Any], translat
     from oodray.attacks import autoattack
     from oodray.models.classifier import classifier_from_state
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     cfg = ExperimentConfig.from_dict(job["config"])
     device = _task_setup(cfg)
     classifier = classifier_from_state(classifier_state).to(device)
@@ -134,7 +148,8 @@ def attack_shard(job: dict[str, Any], classifier_state: dict[str, Any], translat
         messages += [m for m in res.messages if m not in messages]
         last = 0
         for s in stages:  # stages AutoAttack skipped (nothing left to attack) keep the last count
-            last = round(res.accuracy.get(s, last / len(xb)) * len(xb)) if s in res.accuracy else last
+            if s in res.accuracy:
+                last = round(res.accuracy[s] * len(xb))
             counts[s] += last
     x_adv_t = torch.cat(x_adv)
     clean_ok = _predict(defended, x, block, device) == y
@@ -145,7 +160,8 @@ def attack_shard(job: dict[str, Any], classifier_state: dict[str, Any], translat
                                 for i in range(0, len(x), block)]).int().tolist()
     return {"start": start, "stop": job["stop"], "robust": (clean_ok & adv_ok).int().tolist(),
             "adv_correct": adv_ok.int().tolist(), "target_robust": torch.cat(target_robust).int().tolist(),
-            "stage_counts": counts, "messages": messages, "gate_flags": gate_flags, "seconds": time.time() - t0}
+            "stage_counts": counts, "messages": messages, "gate_flags": gate_flags, "seconds": time.time() - t0,
+            "cpu_seconds": time.process_time() - cpu0}
 
 
 def shift_accuracies(classifier: torch.nn.Module, defended: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -179,7 +195,7 @@ def clean_and_shifts(job: dict[str, Any], classifier_state: dict[str, Any], tran
     device = _task_setup(cfg)
     classifier = classifier_from_state(classifier_state).to(device)
     defended = build_defended(cfg, classifier, translator_state).to(device)
-    block = cfg.eval.batch_size
+    block = block_size(len(y), cfg.eval.batch_size)
     pc, pd = _predict(classifier, x, block, device), _predict(defended, x, block, device)
     out: dict[str, Any] = {"classifier_correct": (pc == y).int().tolist(), "defended_correct": (pd == y).int().tolist(),
                            "gate_flag_rate": defended.flag_rate(x.to(device)) if defended.gate is not None else None}
@@ -207,7 +223,7 @@ def _read_result(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | No
         res = json.loads(path.read_text())
         saved = res["fingerprint"] if res.get("complete") else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise OodrayError(f"'{path}' exists but is not a finished oodray result; move it away to recompute it") from None
+        raise OodrayError(f"'{path}' exists but is not an oodray result; move it away to recompute it") from None
     if saved is None:
         return None
     diff = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
@@ -300,6 +316,100 @@ def _translator_state(cfg: ExperimentConfig, checkpoint: str | Path | None) -> t
     return {"config": state["config"], "translator": state["translator"], "gate": state.get("gate")}, sha
 
 
+@dataclass
+class _Inputs:
+    """Everything the tasks need, loaded and validated on the driver before any work starts."""
+
+    cfg: ExperimentConfig
+    x: torch.Tensor
+    y: torch.Tensor
+    block: int
+    classifier_state: dict[str, Any]
+    translator_state: dict[str, Any] | None
+    surrogate_state: dict[str, Any] | None
+    surrogate_sha256: str | None
+    fingerprint: dict[str, Any]  # what makes results comparable; a finished result with another one is not reused
+    meta: dict[str, Any]  # written into every result
+    stochastic: bool
+    gated: bool
+    num_classes: int
+    notes: list[dict[str, Any]] = field(default_factory=list)  # sanity records found while loading
+
+
+def _load_inputs(cfg: ExperimentConfig, checkpoint: str | Path | None, label: str) -> _Inputs:
+    from oodray.classifier import classifier_key, get_classifier
+    from oodray.data import eval_subset, load_dataset
+
+    _validate_attacks(cfg)
+    translator_state, translator_sha = _translator_state(cfg, checkpoint)
+    splits = load_dataset(cfg.data)
+    x, y = eval_subset(splits.test, cfg.eval.n_examples, cfg.eval.seed)
+    block = block_size(len(y), cfg.eval.batch_size)
+    classifier, cpath = get_classifier(cfg, splits, train=checkpoint is None)
+    classifier_state = load_checkpoint(cpath, what="classifier checkpoint")
+    surrogate_state, surrogate_sha, notes = None, None, []
+    if "transfer" in cfg.eval.threat_models:
+        _, spath = get_classifier(cfg.replace(**{"classifier.seed": cfg.classifier.seed + 1}), splits)
+        surrogate_state, surrogate_sha = load_checkpoint(spath, what="surrogate classifier checkpoint"), _sha256(spath)
+        same = all(torch.equal(a, b) for a, b in zip(classifier_state["state_dict"].values(),
+                                                      surrogate_state["state_dict"].values()))
+        if same:  # e.g. pretrained weights with classifier.epochs=0: the seed changes nothing
+            notes.append({"kind": "surrogate_equals_classifier", "threat_model": "transfer", "detail":
+                          "the surrogate has C's exact weights, so 'transfer' is a white-box attack on C"})
+    defended = build_defended(cfg, classifier, translator_state)
+    arch = ExperimentConfig.from_dict(translator_state["config"]).translator.arch if translator_state \
+        else cfg.translator.arch
+    fingerprint = {"format": RESULT_FORMAT, "data": cfg.to_dict()["data"] | {"data_dir": None},
+                   "classifier": classifier_key(cfg), "classifier_sha256": _sha256(cpath), "translator": arch,
+                   "translator_sha256": translator_sha, "n_examples": len(y), "eval_seed": cfg.eval.seed,
+                   "block": block}
+    meta = {"label": label, "translator": arch, "checkpoint": str(checkpoint) if checkpoint else None,
+            "n_examples": len(y), "config": cfg.to_dict()}
+    return _Inputs(cfg, x, y, block, classifier_state, translator_state, surrogate_state, surrogate_sha, fingerprint,
+                   meta, is_stochastic(defended, x[:block]), getattr(defended, "gate", None) is not None,
+                   splits.info.num_classes, notes)
+
+
+@dataclass
+class _Job:
+    """One (threat model, norm, eps) result still to compute."""
+
+    key: tuple[str, str, float]
+    path: Path
+    fingerprint: dict[str, Any]
+    version: str
+    version_note: str | None
+    state_dir: Path
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _plan(inp: _Inputs, out_dir: Path) -> tuple[list[_Job], dict[tuple[str, str, float], dict[str, Any]]]:
+    """The attack results still to compute, and the finished ones to reuse (a different finished one is an error)."""
+    cfg = inp.cfg
+    todo, done = [], {}
+    for threat in dict.fromkeys(cfg.eval.threat_models):
+        version, note = cfg.eval.version, None
+        if threat == "adaptive" and inp.stochastic and version != "rand":
+            version, note = "rand", (f"translator is stochastic in eval mode: AutoAttack version 'rand' (EoT) "
+                                     f"replaces '{cfg.eval.version}'")
+            log.warning("%s", note)
+        for norm in dict.fromkeys(cfg.eval_norms()):
+            for eps in dict.fromkeys(cfg.eval_eps()):
+                key = (threat, norm, eps)
+                fp = {**inp.fingerprint, "threat_model": threat, "norm": norm, "eps": eps, "version": version}
+                if threat == "transfer":
+                    fp["surrogate_sha256"] = inp.surrogate_sha256
+                path = out_dir / f"{result_name(*key)}.json"
+                prev = _read_result(path, fp)
+                if prev is not None:
+                    log.info("reusing finished result %s", path)
+                    done[key] = prev
+                    continue
+                digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]
+                todo.append(_Job(key, path, fp, version, note, out_dir / "state" / f"{result_name(*key)}-{digest}"))
+    return todo, done
+
+
 def run_evaluation(cfg: ExperimentConfig, *, checkpoint: str | Path | None, out_dir: Path, label: str,
                    ) -> dict[str, Any]:
     """Evaluates C(T(.)) (T from `checkpoint`, or the identity/bitdepth baseline when None) and returns the summary.
@@ -308,143 +418,105 @@ def run_evaluation(cfg: ExperimentConfig, *, checkpoint: str | Path | None, out_
     current Ray (started locally, or RAY_ADDRESS, when none is). Raises `EvaluationFailed` after draining the
     remaining tasks if some failed; what finished is on disk and a rerun resumes.
     """
-    from oodray.attacks import autoattack_settings
-    from oodray.classifier import classifier_key, get_classifier
-    from oodray.data import eval_subset, load_dataset
-
-    t_start = time.time()
-    _validate_attacks(cfg)
-    translator_state, translator_sha = _translator_state(cfg, checkpoint)
-    splits = load_dataset(cfg.data)
-    x, y = eval_subset(splits.test, cfg.eval.n_examples, cfg.eval.seed)
-    n, block = len(y), cfg.eval.batch_size
-    out_dir = ensure_writable_dir(out_dir, "evaluation output directory")
-    classifier, cpath = get_classifier(cfg, splits, train=checkpoint is None)
-    classifier_state = load_checkpoint(cpath, what="classifier checkpoint")
-    surrogate_state = surrogate_sha = None
-    if "transfer" in cfg.eval.threat_models:
-        _, spath = get_classifier(cfg.replace(**{"classifier.seed": cfg.classifier.seed + 1}), splits)
-        surrogate_state, surrogate_sha = load_checkpoint(spath, what="surrogate classifier checkpoint"), _sha256(spath)
-    defended = build_defended(cfg, classifier, translator_state)
-    stochastic = is_stochastic(defended, x[:block])
-    gated = getattr(defended, "gate", None) is not None
-    translator_arch = ExperimentConfig.from_dict(translator_state["config"]).translator.arch \
-        if translator_state else cfg.translator.arch
-    base_fp = {"format": RESULT_FORMAT, "data": cfg.to_dict()["data"] | {"data_dir": None},
-               "classifier": classifier_key(cfg), "classifier_sha256": _sha256(cpath),
-               "translator": translator_arch, "translator_sha256": translator_sha, "n_examples": n,
-               "eval_seed": cfg.eval.seed, "block": block}
-    meta = {"label": label, "translator": translator_arch, "checkpoint": str(checkpoint) if checkpoint else None,
-            "n_examples": n, "config": cfg.to_dict()}
-
-    # Plan: every result file, reused when finished (a different finished one stops us before any work).
-    plan: dict[tuple[str, str, float], dict[str, Any]] = {}
-    done: dict[tuple[str, str, float], dict[str, Any]] = {}
-    for threat in cfg.eval.threat_models:
-        version = "rand" if threat == "adaptive" and stochastic else cfg.eval.version
-        note = None
-        if version != cfg.eval.version:
-            note = f"translator is stochastic in eval mode: AutoAttack version 'rand' (EoT) replaces '{cfg.eval.version}'"
-            log.warning("%s", note)
-        for norm in cfg.eval_norms():
-            for eps in cfg.eval_eps():
-                key = (threat, norm, eps)
-                fp = {**base_fp, "threat_model": threat, "norm": norm, "eps": eps, "version": version,
-                      "surrogate_sha256": surrogate_sha if threat == "transfer" else None}
-                path = out_dir / f"{result_name(*key)}.json"
-                prev = _read_result(path, fp)
-                if prev is not None:
-                    log.info("reusing finished result %s", path)
-                    done[key] = prev
-                    continue
-                digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]
-                plan[key] = {"path": path, "fingerprint": fp, "version": version, "version_note": note,
-                             "state_dir": out_dir / "state" / f"{result_name(*key)}-{digest}"}
-    clean_fp = {**base_fp, "kind": "clean"}
     from oodray.shifts import SEVERITIES, SHIFTS
 
-    shifts_fp = {**base_fp, "kind": "shifts", "shifts": list(SHIFTS), "severities": list(SEVERITIES)}
-    clean_res = _read_result(out_dir / "clean.json", clean_fp)
-    shifts_res = _read_result(out_dir / "shifts.json", shifts_fp) if cfg.eval.shifts else None
-    need_shifts = cfg.eval.shifts and shifts_res is None
+    t0 = time.time()
+    inp = _load_inputs(cfg, checkpoint, label)
+    out_dir = ensure_writable_dir(out_dir, "evaluation output directory")
+    todo, done = _plan(inp, out_dir)
+    clean_fp = {**inp.fingerprint, "kind": "clean"}
+    shifts_fp = {**inp.fingerprint, "kind": "shifts", "shifts": list(SHIFTS), "severities": list(SEVERITIES)}
+    clean = _read_result(out_dir / "clean.json", clean_fp)
+    shifts = _read_result(out_dir / "shifts.json", shifts_fp) if cfg.eval.shifts else None
+    need_shifts = cfg.eval.shifts and shifts is None
 
-    if plan or clean_res is None or need_shifts:
-        import ray
+    def on_clean(res: dict[str, Any]) -> None:  # written at once: a later failure must not lose it
+        nonlocal clean, shifts
+        if clean is None:
+            clean = _clean_payload(res, clean_fp, inp.meta)
+            _write_result(out_dir / "clean.json", clean)
+        if need_shifts:
+            shifts = {**inp.meta, "threat_model": "natural-shift", "fingerprint": shifts_fp, "seed": cfg.eval.seed,
+                      "shifts": res["shifts"]}
+            _write_result(out_dir / "shifts.json", shifts)
 
-        from oodray.train import init_ray
-
-        init_ray()
-        e = cfg.eval
-        opts = {"num_cpus": e.cpus_per_task, "num_gpus": e.gpus_per_task, "max_retries": MAX_RETRIES}
-        attack_task = ray.remote(attack_shard).options(**opts)
-        clean_task = ray.remote(clean_and_shifts).options(**opts)
-        c_ref, t_ref = ray.put(classifier_state), ray.put(translator_state)
-        s_ref = ray.put(surrogate_state) if surrogate_state is not None else None
-        ranges = shard_ranges(n, block, e.shards)
-        if len(ranges) < e.shards:
-            log.warning("%d examples make %d blocks of eval.batch_size=%d: running %d shards, not %d", n,
-                        math.ceil(n / block), block, len(ranges), e.shards)
-        data = {(a, b): (ray.put(x[a:b]), ray.put(y[a:b])) for a, b in ranges}
-        pending: dict[Any, tuple[Any, ...]] = {}
-        if clean_res is None or need_shifts:
-            ref = clean_task.remote({"config": cfg.to_dict(), "shifts": need_shifts}, c_ref, t_ref, x, y)
-            pending[ref] = ("clean",)
-        parts: dict[tuple[str, str, float], list[dict[str, Any]]] = {k: [] for k in plan}
-        for key, p in plan.items():
-            attacks = autoattack_settings(p["version"], key[1], key[2])["attacks"]
-            for a, b in ranges:
-                job = {"config": cfg.to_dict(), "threat": key[0], "norm": key[1], "eps": key[2],
-                       "version": p["version"], "attacks": attacks, "seed": cfg.eval.seed, "block": block,
-                       "start": a, "stop": b, "state_dir": str(p["state_dir"])}
-                pending[attack_task.remote(job, c_ref, t_ref, s_ref, *data[(a, b)])] = ("attack", key)
-        total = n * len(plan)
-        log.info("submitted %d tasks: %d attack jobs x %d shards%s (%d examples to attack)", len(pending), len(plan),
-                 len(ranges), " + clean/shifts" if any(v[0] == "clean" for v in pending.values()) else "", total)
-        failures: list[str] = []
-        n_done = n_robust = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
-            if not ready:
-                log.info("progress: %d/%d examples attacked, robust so far %s; %d tasks left", n_done, total,
-                         f"{n_robust / n_done:.4f}" if n_done else "-", len(pending))
-                continue
-            tag = pending.pop(ready[0])
-            try:
-                res = ray.get(ready[0])
-            except Exception as err:  # noqa: BLE001 - a task's error (RayTaskError wraps any type); drain the rest
-                cause = getattr(err, "cause", None) or err
-                first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
-                failures.append(f"{tag[-1] if tag[0] == 'attack' else 'clean/shifts'}: {first}")
-                log.error("task %s failed: %s", tag, err)
-                continue
-            if tag[0] == "clean":
-                clean_res = clean_res or _clean_payload(res, clean_fp, meta)
-                if clean_res.get("fingerprint") == clean_fp and not (out_dir / "clean.json").exists():
-                    _write_result(out_dir / "clean.json", clean_res)
-                if need_shifts:
-                    shifts_res = {**meta, "threat_model": "natural-shift", "fingerprint": shifts_fp,
-                                  "seed": cfg.eval.seed, "shifts": res["shifts"]}
-                    _write_result(out_dir / "shifts.json", shifts_res)
-                continue
-            key = tag[1]
-            parts[key].append(res)
-            n_done += len(res["robust"])
-            n_robust += sum(res["robust"])
-            log.info("%s shard [%d, %d) done in %.1fs: robust %d/%d; overall %d/%d examples, robust so far %.4f",
-                     result_name(*key), res["start"], res["stop"], res["seconds"], sum(res["robust"]),
-                     len(res["robust"]), n_done, total, n_robust / n_done)
-            if sum(len(r["robust"]) for r in parts[key]) == n:
-                done[key] = _merge(key, parts[key], plan[key], meta, n)
-                _write_result(plan[key]["path"], done[key])
-        if failures:
-            raise EvaluationFailed(f"{len(failures)} evaluation task(s) failed (first: {failures[0]}); finished "
-                                   f"results and AutoAttack state are kept in '{out_dir}': rerun to resume")
-
-    summary = _summary(cfg, label, translator_arch, meta, clean_res, shifts_res, done, gated,
-                       splits.info.num_classes, stochastic)
-    summary["seconds"] = round(time.time() - t_start, 1)
+    if todo or clean is None or need_shifts:
+        _fan_out(inp, todo, done, on_clean if clean is None or need_shifts else None, need_shifts)
+    summary = _summary(inp, clean, shifts, done)
+    summary["seconds"] = round(time.time() - t0, 1)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _fan_out(inp: _Inputs, todo: list[_Job], done: dict[tuple[str, str, float], dict[str, Any]],
+             on_clean: Callable[[dict[str, Any]], None] | None, shifts: bool) -> None:
+    """Submits every shard of every job (and the clean/shift task when `on_clean`) up front, drains them with ray.wait
+    and writes each result as soon as its shards are in."""
+    import ray
+
+    from oodray.attacks import autoattack_settings
+    from oodray.train import init_ray
+
+    init_ray()
+    cfg, e, n = inp.cfg, inp.cfg.eval, len(inp.y)
+    if e.gpus_per_task > 0 and not ray.cluster_resources().get("GPU"):
+        log.warning("eval.gpus_per_task=%g but this Ray cluster has no GPU now: tasks wait until one joins",
+                    e.gpus_per_task)
+    opts = {"num_cpus": e.cpus_per_task, "num_gpus": e.gpus_per_task, "max_retries": MAX_RETRIES}
+    c_ref, t_ref = ray.put(inp.classifier_state), ray.put(inp.translator_state)
+    s_ref = ray.put(inp.surrogate_state) if inp.surrogate_state is not None else None
+    ranges = shard_ranges(n, inp.block, e.shards)
+    if len(ranges) < e.shards:
+        log.warning("%d examples make %d blocks of %d (eval.batch_size=%d): running %d shards, not %d", n,
+                    math.ceil(n / inp.block), inp.block, e.batch_size, len(ranges), e.shards)
+    pending: dict[Any, _Job | None] = {}
+    if on_clean is not None:
+        ref = ray.remote(clean_and_shifts).options(**opts).remote(
+            {"config": cfg.to_dict(), "shifts": shifts}, c_ref, t_ref, ray.put(inp.x), ray.put(inp.y))
+        pending[ref] = None
+    attack = ray.remote(attack_shard).options(**opts)
+    data = {(a, b): (ray.put(inp.x[a:b]), ray.put(inp.y[a:b])) for a, b in ranges}
+    for job in todo:
+        threat, norm, eps = job.key
+        attacks = autoattack_settings(job.version, norm, eps)["attacks"]
+        for a, b in ranges:
+            spec = {"config": cfg.to_dict(), "threat": threat, "norm": norm, "eps": eps, "version": job.version,
+                    "attacks": attacks, "seed": e.seed, "block": inp.block, "start": a, "stop": b,
+                    "state_dir": str(job.state_dir)}
+            pending[attack.remote(spec, c_ref, t_ref, s_ref, *data[(a, b)])] = job
+    total, n_done, n_robust = n * len(todo), 0, 0
+    log.info("submitted %d tasks: %d attack results x %d shards%s; %d examples to attack", len(pending), len(todo),
+             len(ranges), " + clean/shifts" if on_clean else "", total)
+    failures: list[str] = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
+        if not ready:
+            log.info("progress: %d/%d examples attacked, robust so far %s; %d tasks running or queued", n_done, total,
+                     f"{n_robust / n_done:.4f}" if n_done else "-", len(pending))
+            continue
+        job = pending.pop(ready[0])
+        try:
+            res = ray.get(ready[0])
+        except Exception as err:  # noqa: BLE001 - RayTaskError wraps whatever the task raised; drain the rest first
+            cause = getattr(err, "cause", None) or err
+            line = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+            failures.append(f"{result_name(*job.key) if job else 'clean/shifts'}: {line}")
+            log.error("task for %s failed: %s", result_name(*job.key) if job else "clean/shifts", err)
+            continue
+        if job is None:
+            on_clean(res)
+            continue
+        job.parts.append(res)
+        n_done, n_robust = n_done + len(res["robust"]), n_robust + sum(res["robust"])
+        log.info("%s [%d, %d) done in %.1fs: robust %d/%d | %d/%d examples attacked, robust so far %.4f",
+                 result_name(*job.key), res["start"], res["stop"], res["seconds"], sum(res["robust"]),
+                 len(res["robust"]), n_done, total, n_robust / n_done)
+        if sum(len(r["robust"]) for r in job.parts) == n:
+            done[job.key] = _merge(job, inp.meta, n)
+            _write_result(job.path, done[job.key])
+    if failures:
+        raise EvaluationFailed(f"{len(failures)} evaluation task(s) failed (first: {failures[0]}); finished results "
+                               "and AutoAttack state are kept: rerun the same command to resume")
 
 
 def _clean_payload(res: dict[str, Any], fp: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -456,48 +528,49 @@ def _clean_payload(res: dict[str, Any], fp: dict[str, Any], meta: dict[str, Any]
                             "defended_correct": res["defended_correct"]}}
 
 
-def _merge(key: tuple[str, str, float], parts: list[dict[str, Any]], p: dict[str, Any], meta: dict[str, Any],
-           n: int) -> dict[str, Any]:
+def _merge(job: _Job, meta: dict[str, Any], n: int) -> dict[str, Any]:
     """One attack's shards, merged in subset order (the same answer as one task over the whole subset)."""
     from oodray.attacks import autoattack_settings
 
-    parts = sorted(parts, key=lambda r: r["start"])
+    parts = sorted(job.parts, key=lambda r: r["start"])
     cat = {k: [v for r in parts for v in r[k]] for k in ("robust", "adv_correct", "target_robust")}
-    stages = list(parts[0]["stage_counts"])
-    messages = list(dict.fromkeys(m for r in parts for m in r["messages"]))
     gate = [v for r in parts for v in r["gate_flags"]] if parts[0]["gate_flags"] is not None else None
-    threat, norm, eps = key
+    threat, norm, eps = job.key
     return {
-        **meta, "threat_model": threat, "norm": norm, "eps": eps, "version": p["version"],
-        "version_note": p["version_note"], "fingerprint": p["fingerprint"],
-        "target": {"oblivious": "classifier", "adaptive": "defended", "transfer": "surrogate"}[threat],
+        **meta, "threat_model": threat, "norm": norm, "eps": eps, "version": job.version,
+        "version_note": job.version_note, "fingerprint": job.fingerprint, "target": TARGETS[threat],
         "robust_accuracy": sum(cat["robust"]) / n, "adversarial_accuracy": sum(cat["adv_correct"]) / n,
         "target_robust_accuracy": sum(cat["target_robust"]) / n,
-        "target_stage_accuracy": {s: sum(r["stage_counts"][s] for r in parts) / n for s in stages},
+        "target_stage_accuracy": {s: sum(r["stage_counts"][s] for r in parts) / n for s in parts[0]["stage_counts"]},
         "gate_flag_rate_attacked": sum(gate) / n if gate is not None else None,
-        "messages": messages, "autoattack": autoattack_settings(p["version"], norm, eps),
-        "shards": [{"start": r["start"], "stop": r["stop"], "seconds": round(r["seconds"], 2)} for r in parts],
+        "messages": list(dict.fromkeys(m for r in parts for m in r["messages"])),
+        "autoattack": autoattack_settings(job.version, norm, eps),
+        "shards": [{"start": r["start"], "stop": r["stop"], "seconds": round(r["seconds"], 2),
+                    "cpu_seconds": round(r["cpu_seconds"], 2)} for r in parts],
         "per_example": {**cat, **({"gate_flags": gate} if gate is not None else {})},
     }
 
 
-def _summary(cfg: ExperimentConfig, label: str, arch: str, meta: dict[str, Any], clean: dict[str, Any] | None,
-             shifts: dict[str, Any] | None, results: dict[tuple[str, str, float], dict[str, Any]], gated: bool,
-             num_classes: int, stochastic: bool) -> dict[str, Any]:
-    order = sorted(results, key=lambda k: (cfg.eval.threat_models.index(k[0]), k[1], k[2]))
+def _summary(inp: _Inputs, clean: dict[str, Any], shifts: dict[str, Any] | None,
+             results: dict[tuple[str, str, float], dict[str, Any]]) -> dict[str, Any]:
+    threats = inp.cfg.eval.threat_models
+    order = sorted(results, key=lambda k: (threats.index(k[0]), k[1], k[2]))
+    names = {k: f"{k[0]}/{k[1]}/{k[2]:g}" for k in order}
     gate_rates = None
-    if gated:
+    if inp.gated:
         gate_rates = {"clean": clean["gate_flag_rate"]}
-        gate_rates.update({f"{t}/{nm}/{e:g}": results[(t, nm, e)]["gate_flag_rate_attacked"] for t, nm, e in order})
+        gate_rates.update({names[k]: results[k]["gate_flag_rate_attacked"] for k in order})
     return {
-        "label": label, "translator": arch, "checkpoint": meta["checkpoint"], "stochastic_translator": stochastic,
+        "label": inp.meta["label"], "translator": inp.meta["translator"], "checkpoint": inp.meta["checkpoint"],
+        "stochastic_translator": inp.stochastic,
         "clean_accuracy_classifier": clean["clean_accuracy_classifier"],
         "clean_accuracy_defended": clean["clean_accuracy_defended"],
-        "robust": {f"{t}/{nm}/{e:g}": results[(t, nm, e)]["robust_accuracy"] for t, nm, e in order},
+        "robust": {names[k]: results[k]["robust_accuracy"] for k in order},
+        "attack_target_accuracy": {names[k]: results[k]["target_robust_accuracy"] for k in order},
         "shifts": {s: v["mean"] for s, v in shifts["shifts"].items()} if shifts else {},
         "gate_flag_rate": gate_rates,
-        "sanity": sanity_checks({k: results[k] for k in order}, num_classes),
-        "n_examples": meta["n_examples"], "version": cfg.eval.version, "config": meta["config"],
+        "sanity": inp.notes + sanity_checks({k: results[k] for k in order}, inp.num_classes),
+        "n_examples": inp.meta["n_examples"], "version": inp.cfg.eval.version, "config": inp.meta["config"],
     }
 
 
@@ -505,16 +578,16 @@ def summary_tables(summary: dict[str, Any]) -> tuple[Any, Any]:
     """(attacks table, shifts table) as pandas DataFrames."""
     import pandas as pd
 
-    rows = [{"threat_model": "clean", "norm": "", "eps": "", "classifier": summary["clean_accuracy_classifier"],
-             "defended": summary["clean_accuracy_defended"]}]
+    rows = [{"threat_model": "clean", "norm": "", "eps": "", "defended": summary["clean_accuracy_defended"],
+             "attacked model": "classifier", "its accuracy": summary["clean_accuracy_classifier"]}]
     for k, acc in summary["robust"].items():
         t, nm, e = k.split("/")
-        rows.append({"threat_model": t, "norm": nm, "eps": e, "classifier": None, "defended": acc})
+        rows.append({"threat_model": t, "norm": nm, "eps": e, "defended": acc, "attacked model": TARGETS[t],
+                     "its accuracy": summary["attack_target_accuracy"][k]})
     rates = summary["gate_flag_rate"]
     if rates:
-        for r in rows:
-            r["gate_flag_rate"] = rates.get("clean" if r["threat_model"] == "clean" else
-                                            f"{r['threat_model']}/{r['norm']}/{r['eps']}")
+        for r, k in zip(rows, ["clean", *summary["robust"]]):
+            r["gate_flag_rate"] = rates[k]
     shifts = pd.DataFrame([{"shift": s, **v} for s, v in summary["shifts"].items()])
     return pd.DataFrame(rows), shifts
 
@@ -587,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", help="comma-separated radii in [0,1] pixels, for every norm (default: attack.eps)")
     p.add_argument("--n-examples", type=int, help="size of the fixed evaluation subset of the test split")
     p.add_argument("--version", help="AutoAttack version: standard, plus or rand")
-    p.add_argument("--shards", type=int, help="Ray tasks per attack (split at multiples of --batch-size)")
-    p.add_argument("--batch-size", type=int, help="examples per AutoAttack block (eval.batch_size)")
+    p.add_argument("--shards", type=int, help="Ray tasks per attack (at most one per block)")
+    p.add_argument("--batch-size", type=int, help="largest AutoAttack block (eval.batch_size)")
     p.add_argument("--gpus-per-task", type=float)
     p.add_argument("--cpus-per-task", type=float)
     p.add_argument("--seed", type=int, help="evaluation seed: the subset, AutoAttack and shift noise")
@@ -598,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    if not args.verbose:
+        logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its INFO lines repeat the settings per object
     eval_layer = {"threat_models": args.threat_models, "norms": args.norm, "eps": _floats(args.eps, "--eps"),
                   "n_examples": args.n_examples, "version": args.version, "shards": args.shards,
                   "batch_size": args.batch_size, "gpus_per_task": args.gpus_per_task,
