@@ -1,6 +1,6 @@
 """The evaluation fan-out, measured: one AutoAttack job as 1 Ray task and as K shards, plus Ray's per-task overhead.
 
-    .venv/bin/python benchmarks/eval_fanout.py                       # digits, identity T, 64 examples, Linf 0.08
+    .venv/bin/python benchmarks/eval_fanout.py                       # digits, identity T, 64 examples, Linf 0.12
     .venv/bin/python benchmarks/eval_fanout.py --n-examples 128 --eps 0.1 --shards 2 --repeats 3
 
 Both runs evaluate the same thing (`run_evaluation`, oblivious AutoAttack standard on the digits CNN through the
@@ -45,7 +45,7 @@ def _empty() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-examples", type=int, default=64)
-    p.add_argument("--eps", type=float, default=0.08)
+    p.add_argument("--eps", type=float, default=0.12)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--overhead-tasks", type=int, default=100)
     p.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating order; the best is kept")
