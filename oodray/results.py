@@ -22,7 +22,9 @@ from oodray.cli import run
 from oodray.config import ExperimentConfig
 from oodray.errors import OodrayError
 from oodray.io import atomic_write_text
+from oodray.storage import exists, is_uri, mirror_down, mirror_up
 
+RESULT_FILES = ["results.csv", "results.md", "results.json", "pareto.png"]
 KNOBS = ["translator.depth", "translator.width", "translator.blocks", "translator.downsamplings", "translator.norm",
          "translator.residual", "train.regime", "train.lr"]
 WEIGHTS = ["loss.pixel", "loss.consistency", "loss.ce", "loss.feature", "loss.identity", "loss.gan"]
@@ -184,21 +186,31 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -> pd.Da
     return pd.concat([pick(a).assign(experiment=name_a), pick(b).assign(experiment=name_b)], ignore_index=True)
 
 
+def _local(experiment: str, local_dir: str) -> Path:
+    """The experiment as a local directory (a URI experiment is mirrored down first)."""
+    if is_uri(experiment):
+        if not exists(experiment):
+            raise OodrayError(f"experiment '{experiment}' does not exist")
+        return mirror_down(experiment, Path(local_dir) / experiment.rstrip("/").rsplit("/", 1)[-1])
+    if not Path(experiment).is_dir():
+        raise OodrayError(f"experiment directory '{experiment}' does not exist")
+    return Path(experiment)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m oodray.results", description=__doc__.split("\n")[0])
-    p.add_argument("experiment", help="experiment directory (storage/name)")
+    p.add_argument("experiment", help="experiment directory (storage/name), or its s3:// / gs:// / file:// URI")
+    p.add_argument("--local-dir", default="runs", help="where a URI experiment is mirrored to")
     p.add_argument("--compare", help="a second experiment directory to compare with")
     args = p.parse_args(argv)
-    exp = Path(args.experiment)
-    if not exp.is_dir():
-        raise OodrayError(f"experiment directory '{exp}' does not exist")
+    exp = _local(args.experiment, args.local_dir)
     table = build_table(exp)
     write_outputs(table, exp)
+    if is_uri(args.experiment):
+        mirror_up(exp, args.experiment, RESULT_FILES)
     print(table.to_string(index=False))
     if args.compare:
-        other = Path(args.compare)
-        if not other.is_dir():
-            raise OodrayError(f"experiment directory '{other}' does not exist")
+        other = _local(args.compare, args.local_dir)
         print("\n" + compare(table, build_table(other), exp.name, other.name).to_string(index=False))
     print(f"\nwrote {exp / 'results.csv'}, results.md, results.json, pareto.png")
     return 0

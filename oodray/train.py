@@ -152,9 +152,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.translator.gate and gate is None:
         from oodray.data import stack
 
-        x_tr, _ = stack(splits.train, range(min(len(splits.train), 5000)))
+        x_tr, y_tr = stack(splits.train, range(min(len(splits.train), 5000)))
         x_v, _ = stack(splits.val)
-        gate = MahalanobisGate.fit(classifier.cpu(), x_tr, x_v, cfg.translator.gate_percentile)
+        gate = MahalanobisGate.fit(classifier.cpu(), x_tr, x_v, cfg.translator.gate_percentile, y_train=y_tr)
         classifier.to(device)
     if gate is not None:
         gate.to(device)
@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             n_batches += 1
         metrics: dict[str, Any] = {f"loss_{k}": v / max(1, n_batches) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, epoch_seconds=time.time() - t0, world_size=world,
-                       resumed_from_epoch=start_epoch)
+                       resumed_from_epoch=start_epoch, node_id=ray.get_runtime_context().get_node_id())
         if rank == 0:
             raw_t.eval()
             metrics.update(proxy_metrics(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val))
@@ -232,7 +232,7 @@ def _gate_state(gate: Any) -> dict[str, torch.Tensor] | None:
 def _gate_from_state(state: dict[str, torch.Tensor]) -> Any:
     from oodray.models.defended import MahalanobisGate
 
-    gate = MahalanobisGate(state["mean"].numel())
+    gate = MahalanobisGate(state["mean"].shape[-1], state["mean"].shape[0])
     gate.load_state_dict(state)
     return gate
 

@@ -27,6 +27,8 @@ from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import ExperimentConfig, save_config
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import ensure_writable_dir
+from oodray.storage import exists, has_content, is_uri, mirror_down, mirror_up
+from oodray.storage import join as storage_join
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> 
     cfg0 = ExperimentConfig.from_dict(base)
     cfg = cfg0.replace(**trial_overrides(params, cfg0))
     name = f"trial-{tune.get_context().get_trial_id()}"  # deterministic per trial, so a restored trial resumes
-    result = fit_translator(cfg, prepare_run(cfg), storage=str(Path(exp_dir) / "train"), name=name,
+    result = fit_translator(cfg, prepare_run(cfg), storage=storage_join(exp_dir, "train"), name=name,
                             callbacks=[TuneReportCallback()])
     if result.error:
         raise result.error
@@ -204,7 +206,7 @@ def check_storage(storage: str) -> None:
                           "shared filesystem path mounted on every node or an s3:// / gs:// URI (--storage)")
 
 
-def search(cfg: ExperimentConfig, exp_dir: Path, storage: str, name: str, resume: bool, max_depth: int) -> Any:
+def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume: bool, max_depth: int) -> Any:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -214,7 +216,7 @@ def search(cfg: ExperimentConfig, exp_dir: Path, storage: str, name: str, resume
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=cfg.to_dict(), exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
     if resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         return tuner.fit()
     space = narrowed_space(cfg.tune.space)
     seed = cfg.train.seed
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--final-top-k", type=int, help="trials evaluated with full AutoAttack after the search")
     p.add_argument("--storage", help="local path, shared path or s3:// / gs:// URI (default: runs)")
     p.add_argument("--name", help="experiment name (default: derived from the config)")
+    p.add_argument("--local-dir", default="runs", help="local staging directory when --storage is a URI")
     p.add_argument("--resume", action="store_true", help="continue the interrupted experiment of the same name")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -284,17 +287,17 @@ def main(argv: list[str] | None = None) -> int:
 
     storage = storage_uri(cfg.storage)
     name = experiment_name(cfg, cfg.tune.objective)
-    if "://" in storage:
-        raise ConfigError("oodray.tune writes its trial records and evaluations next to the experiment; on a cluster "
-                          "use a shared filesystem path mounted on every node for --storage (s3:// is supported by "
-                          "oodray.train)")
-    exp_dir = Path(storage) / name
-    if args.resume and not (exp_dir / "tuner.pkl").exists():
-        raise OodrayError(f"--resume: no experiment '{name}' under '{storage}' to resume (looked for {exp_dir})")
-    if not args.resume and exp_dir.exists() and any(exp_dir.iterdir()):
-        raise OodrayError(f"experiment '{exp_dir}' already exists; pass --resume to continue it, or --name for a "
+    # With a URI, Tune/Train write there directly and oodray's own files are staged locally, then mirrored.
+    exp_uri = storage_join(storage, name) if is_uri(storage) else str(Path(storage) / name)
+    exp_dir = Path(args.local_dir) / name if is_uri(storage) else Path(storage) / name
+    found = exists(storage_join(exp_uri, "tuner.pkl")) if is_uri(storage) else (exp_dir / "tuner.pkl").exists()
+    if args.resume and not found:
+        raise OodrayError(f"--resume: no experiment '{name}' under '{storage}' to resume (looked for {exp_uri})")
+    taken = has_content(exp_uri) if is_uri(storage) else exp_dir.exists() and any(exp_dir.iterdir())
+    if not args.resume and taken:
+        raise OodrayError(f"experiment '{exp_uri}' already exists; pass --resume to continue it, or --name for a "
                           "new one (nothing was changed)")
-    ensure_writable_dir(exp_dir, "storage path")
+    ensure_writable_dir(exp_dir, "local staging directory" if is_uri(storage) else "storage path")
     init_ray()
     check_storage(storage)
     cluster_concurrency(cfg)
@@ -306,20 +309,27 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.translator.gate:
         log.info("gated translators: inputs under the Mahalanobis threshold skip T")
     save_config(cfg, exp_dir, "oodray_config.json")
+    if is_uri(storage):
+        mirror_up(exp_dir, exp_uri, ["oodray_config.json"])
     precompute_caches(cfg, narrowed_space(cfg.tune.space))
     max_depth = int(math.log2(min(splits.info.image_size)))
     t0 = time.time()
-    grid = search(cfg, exp_dir, storage, name, args.resume, max_depth)
+    grid = search(cfg, exp_uri, storage, name, args.resume, max_depth)
     errors = [r.error for r in grid if r.error]
     if errors:
         log.warning("%d trials failed; first error: %s", len(errors), errors[0])
     log.info("search finished in %.0fs", time.time() - t0)
+    if is_uri(storage):
+        mirror_down(exp_uri, exp_dir)
     final_evaluation(cfg, exp_dir)
-    from oodray.results import build_table, write_outputs
+    from oodray.results import RESULT_FILES, build_table, write_outputs
 
     table = build_table(exp_dir)
     write_outputs(table, exp_dir)
     print(table.to_string(index=False))
+    if is_uri(storage):
+        mirror_up(exp_dir, exp_uri, ["eval", *RESULT_FILES])
+        print(f"\nexperiment: {exp_uri} (staged locally in {exp_dir})")
     print(f"\nexperiment: {exp_dir}\nresults: {exp_dir / 'results.md'} (also .csv, .json, pareto.png)")
     return 0
 

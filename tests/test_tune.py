@@ -111,3 +111,18 @@ def test_bad_inputs_exit_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_error(run_cli("oodray.tune", "--dataset", "synthetic", "--storage", str(blocker)), "not writable")
+
+
+def test_uri_storage_writes_there_and_results_read_it_back(tmp_path):
+    """A storage URI (file:// here; s3:// and gs:// take the same pyarrow path): Tune and Train write to it,
+    oodray's files are staged locally and mirrored, and `oodray.results URI` reads the experiment back."""
+    uri = f"file://{tmp_path / 'bucket'}"
+    proc = run_cli("oodray.tune", *TINY, "--storage", uri, "--local-dir", str(tmp_path / "stage"), "--name", "u")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = tmp_path / "bucket" / "u"
+    assert (remote / "tuner.pkl").exists() and list(remote.glob("train/trial-*/checkpoint_*/translator.pt"))
+    assert (remote / "results.csv").exists() and (remote / "eval" / "undefended" / "summary.json").exists()
+    proc = run_cli("oodray.results", uri + "/u", "--local-dir", str(tmp_path / "read"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "read" / "u" / "results.csv")) == 3
+    assert_one_line_error(run_cli("oodray.results", uri + "/nope"), "does not exist")

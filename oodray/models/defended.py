@@ -23,24 +23,27 @@ def penultimate(classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
 
 
 class MahalanobisGate(nn.Module):
-    """OOD score = Mahalanobis distance of C's features to the clean training features (one Gaussian, SSD k=1)."""
+    """OOD score = Mahalanobis distance of C's features to the clean training features: to the nearest class mean
+    with a shared covariance when labels are given (Lee et al. 2018), else to one global mean (SSD with k=1)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, n_means: int = 1) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("mean", torch.zeros(n_means, dim))
         self.register_buffer("precision", torch.eye(dim))
         self.register_buffer("tau", torch.tensor(0.0))
         self.register_buffer("temperature", torch.tensor(1.0))
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, classifier: Classifier, x_train: torch.Tensor, x_val: torch.Tensor,
-            percentile: float = 95.0) -> MahalanobisGate:
+    def fit(cls, classifier: Classifier, x_train: torch.Tensor, x_val: torch.Tensor, percentile: float = 95.0,
+            y_train: torch.Tensor | None = None) -> MahalanobisGate:
         f = torch.cat([penultimate(classifier, x_train[i:i + 512]) for i in range(0, len(x_train), 512)]).double()
-        gate = cls(f.shape[1])
-        mean = f.mean(0)
-        cov = torch.cov((f - mean).T) + 1e-3 * torch.eye(f.shape[1], dtype=f.dtype)
-        gate.mean.copy_(mean.float())
+        groups = [f] if y_train is None else [f[y_train == c] for c in torch.unique(y_train)]
+        means = torch.stack([g.mean(0) for g in groups])
+        centred = torch.cat([g - m for g, m in zip(groups, means)])
+        cov = centred.T @ centred / max(1, len(centred) - 1) + 1e-3 * torch.eye(f.shape[1], dtype=f.dtype)
+        gate = cls(f.shape[1], len(groups))
+        gate.mean.copy_(means.float())
         gate.precision.copy_(torch.linalg.inv(cov).float())
         val_scores = gate.score(classifier, x_val)
         gate.tau.fill_(float(np.percentile(val_scores.numpy(), percentile)))
@@ -48,8 +51,9 @@ class MahalanobisGate(nn.Module):
         return gate
 
     def score(self, classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
-        d = penultimate(classifier, x) - self.mean
-        return ((d @ self.precision) * d).sum(1).clamp_min(0).sqrt()
+        d = penultimate(classifier, x).unsqueeze(1) - self.mean.unsqueeze(0)  # N x K x D
+        m = torch.einsum("nkd,de,nke->nk", d, self.precision, d)
+        return m.min(dim=1).values.clamp_min(0).sqrt()
 
     @torch.no_grad()
     def flags(self, classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
