@@ -110,13 +110,42 @@ def proxy_metrics(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch
     return out
 
 
+def train_step(cfg: ExperimentConfig, translator: torch.nn.Module, classifier: torch.nn.Module, gate: Any,
+               objective: Any, opts: tuple[Any, Any], disc: torch.nn.Module | None,
+               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], g: torch.Generator, use_amp: bool,
+               ) -> dict[str, float]:
+    """One optimisation step of T (and of the discriminator): OOD batch, weighted objective, backward, step."""
+    from oodray.losses import discriminator_loss
+    from oodray.models.defended import DefendedModel
+
+    x, x_cached, y = batch
+    raw_t = translator.module if hasattr(translator, "module") else translator
+    raw_t.eval()  # attacks (adaptive regime) see T in eval mode
+    x_ood = ood_batch(cfg, DefendedModel(classifier, raw_t, gate), x, x_cached, y, g)
+    translator.train()
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss, terms, t_ood = objective(translator, x, x_ood, y)
+    opt, opt_d = opts
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if disc is not None:
+        d_loss = discriminator_loss(disc, x, t_ood)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        terms["discriminator"] = float(d_loss.detach())
+    terms["total"] = float(loss.detach())
+    return terms
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: rebuild the typed config, train T with DDP, report + checkpoint per epoch."""
     import ray.train
     import ray.train.torch
 
     from oodray.data import eval_subset, load_dataset
-    from oodray.losses import PatchDiscriminator, TranslatorObjective, discriminator_loss
+    from oodray.losses import PatchDiscriminator, TranslatorObjective
     from oodray.models.classifier import classifier_from_state
     from oodray.models.defended import DefendedModel, MahalanobisGate
     from oodray.models.translator import build_translator
@@ -179,27 +208,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for b, (x, x_cached, y) in enumerate(loader):
             if cfg.train.max_batches is not None and b >= cfg.train.max_batches:
                 break
-            x, x_cached, y = x.to(device), x_cached.to(device), y.to(device)
-            raw_t.eval()
-            x_ood = ood_batch(cfg, DefendedModel(classifier, raw_t, gate), x, x_cached, y, g)
-            translator.train()
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, terms, t_ood = objective(translator, x, x_ood, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if disc is not None:
-                d_loss = discriminator_loss(disc, x, t_ood)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                terms["discriminator"] = float(d_loss.detach())
-            terms["total"] = float(loss.detach())
+            batch = (x.to(device), x_cached.to(device), y.to(device))
+            terms = train_step(cfg, translator, classifier, gate, objective, (opt, opt_d), disc, batch, g, use_amp)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
         metrics: dict[str, Any] = {f"loss_{k}": v / max(1, n_batches) for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, epoch_seconds=time.time() - t0, world_size=world,
+        metrics.update(epoch=epoch + 1, epoch_seconds=time.time() - t0, train_seconds=time.time() - t0,
+                       train_examples=n_batches * cfg.train.batch_size * world, world_size=world,
                        resumed_from_epoch=start_epoch, node_id=ray.get_runtime_context().get_node_id())
         if rank == 0:
             raw_t.eval()
