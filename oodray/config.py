@@ -215,12 +215,14 @@ class TuneConfig:
     objective: str = "robust"  # robust (TPE on proxy robust acc) | pareto (NSGA-II on robust and clean)
     max_concurrent: int | None = None  # None -> sized from the cluster's resources
     final_top_k: int = 1
+    scheduler: str = "asha"  # asha (stops weak trials early) | fifo (every trial runs its full budget)
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
     min_clean_accuracy_drop: float = 0.05  # robust objective: trials losing more clean accuracy are penalised
     space: dict[str, Any] = field(default_factory=dict)  # narrows/fixes the search space: {"translator.arch": ["unet"]}
 
     def __post_init__(self) -> None:
         _check_choice("tune.objective", self.objective, OBJECTIVES)
+        _check_choice("tune.scheduler", self.scheduler, ("asha", "fifo"))
         _check_positive("tune.num_samples", self.num_samples)
         _check_positive("tune.final_top_k", self.final_top_k, allow_zero=True)
 

@@ -227,9 +227,11 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
     else:
         searcher = OptunaSearch(space=DefineByRun(space, max_depth), metric="objective", mode="max",
                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
-    scheduler = ASHAScheduler(metric="robust_accuracy" if pareto else "objective", mode="max", time_attr="epoch",
-                              max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                              reduction_factor=2)
+    scheduler = None
+    if cfg.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(metric="robust_accuracy" if pareto else "objective", mode="max", time_attr="epoch",
+                                  max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                                  reduction_factor=2)
     concurrency = cfg.tune.max_concurrent or cluster_concurrency(cfg)
     log.info("search: %d trials, %d at a time, objective %s", cfg.tune.num_samples, concurrency, cfg.tune.objective)
     tuner = tune.Tuner(
