@@ -1,0 +1,34 @@
+"""Builds the defence x {clean, oblivious, adaptive, transfer, shifts} table of an experiment directory made by
+experiments/<dataset>.sh, from the evaluation summary.json files, as Markdown on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rows = []
+    summaries = sorted(out.glob("search/eval/*/summary.json")) + sorted(out.glob("eval/*/summary.json"))
+    for path in summaries:
+        s = json.loads(path.read_text())
+        row = {"defence": s.get("label", path.parent.name), "translator": s.get("translator"),
+               "clean C": s.get("clean_accuracy_classifier"), "clean C(T)": s.get("clean_accuracy_defended")}
+        for k, v in sorted(s.get("robust", {}).items()):
+            row[k.split("/")[0] + f" ({'/'.join(k.split('/')[1:])})"] = v
+        for name, v in sorted((s.get("shifts") or {}).items()):
+            row[f"{name}"] = v["defended"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    cfg = json.loads((out / "search" / "oodray_config.json").read_text())
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+    print("\nShift columns: accuracy of C(T(.)) averaged over severities 1-5. Resolved search config:\n")
+    print("```json\n" + json.dumps(cfg, indent=1, sort_keys=True) + "\n```")
+
+
+if __name__ == "__main__":
+    main()
