@@ -111,6 +111,13 @@ def _task_setup(cfg: ExperimentConfig) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
+def _node_id() -> str | None:
+    """The Ray node this runs on (recorded per shard, to show where work went); None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None  # the call alone would start Ray
+
+
 @torch.no_grad()
 def _predict(model: torch.nn.Module, x: torch.Tensor, block: int, device: torch.device) -> torch.Tensor:
     """Predictions block by block (the same batches in every shard split, so float results never differ)."""
@@ -161,7 +168,7 @@ def attack_shard(job: dict[str, Any], classifier_state: dict[str, Any], translat
     return {"start": start, "stop": job["stop"], "robust": (clean_ok & adv_ok).int().tolist(),
             "adv_correct": adv_ok.int().tolist(), "target_robust": torch.cat(target_robust).int().tolist(),
             "stage_counts": counts, "messages": messages, "gate_flags": gate_flags, "seconds": time.time() - t0,
-            "cpu_seconds": time.process_time() - cpu0}
+            "cpu_seconds": time.process_time() - cpu0, "node_id": _node_id()}
 
 
 def shift_accuracies(classifier: torch.nn.Module, defended: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -546,7 +553,7 @@ def _merge(job: _Job, meta: dict[str, Any], n: int) -> dict[str, Any]:
         "messages": list(dict.fromkeys(m for r in parts for m in r["messages"])),
         "autoattack": autoattack_settings(job.version, norm, eps),
         "shards": [{"start": r["start"], "stop": r["stop"], "seconds": round(r["seconds"], 2),
-                    "cpu_seconds": round(r["cpu_seconds"], 2)} for r in parts],
+                    "cpu_seconds": round(r["cpu_seconds"], 2), "node_id": r.get("node_id")} for r in parts],
         "per_example": {**cat, **({"gate_flags": gate} if gate is not None else {})},
     }
 
