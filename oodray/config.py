@@ -268,7 +268,7 @@ class ExperimentConfig:
 # Dataset presets: each names the dataset's standard threat model and affordable training budgets.
 PRESETS: dict[str, dict[str, Any]] = {
     "synthetic": {
-        "classifier": {"arch": "tiny_cnn", "epochs": 3},
+        "classifier": {"arch": "tiny_cnn", "epochs": 30, "lr": 0.01},
         "translator": {"arch": "tiny"},
         "attack": {"eps": 0.1, "steps": 5},
         "train": {"epochs": 1, "batch_size": 32, "proxy_examples": 32, "proxy_steps": 3},
