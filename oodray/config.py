@@ -283,7 +283,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tune": {"num_samples": 4, "final_top_k": 1},
     },
     "fashion-mnist": {
-        "classifier": {"arch": "small_cnn", "epochs": 5},
+        "classifier": {"arch": "small_cnn", "epochs": 8},
         "translator": {"arch": "unet", "depth": 2, "width": 32},
         "attack": {"eps": 0.1, "steps": 10},
         "train": {"epochs": 5, "batch_size": 128, "proxy_examples": 500},
