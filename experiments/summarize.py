@@ -25,6 +25,11 @@ def main() -> None:
         rows.append(row)
     table = pd.DataFrame(rows)
     cfg = json.loads((out / "search" / "oodray_config.json").read_text())
+    print(f"# {cfg['data']['name']}: defences under AutoAttack ({cfg['eval']['version']}), "
+          f"{cfg['attack']['norm']} eps {cfg['attack']['eps']:g}\n")
+    print(f"Made by `bash experiments/{cfg['data']['name']}.sh` (this file is its output; rows: the best searched "
+          "translator, the undefended classifier and the baselines; robust accuracy on the fixed test subset of "
+          f"{cfg['eval']['n_examples']} images).\n")
     print(table.to_markdown(index=False, floatfmt=".3f"))
     print("\nShift columns: accuracy of C(T(.)) averaged over severities 1-5. Resolved search config:\n")
     print("```json\n" + json.dumps(cfg, indent=1, sort_keys=True) + "\n```")
