@@ -28,6 +28,8 @@ from pyautoattack import checks as aa_checks
 from pyautoattack.autopgd_base import APGDAttack
 from torch import Tensor, nn
 
+from oodray.io import load_checkpoint
+
 logger = logging.getLogger(__name__)
 
 NORMS: tuple[str, ...] = ("Linf", "L2")
@@ -410,7 +412,7 @@ def _save_state(path: Path, fingerprint: dict[str, Any], labels: Tensor, p: _Pro
 
 def _load_state(path: Path, fingerprint: dict[str, Any], x: Tensor, y: Tensor) -> _Progress:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_checkpoint(path, what="AutoAttack state file")  # weights_only: data, never code
         saved = payload["fingerprint"]
         if not isinstance(saved, dict):
             raise TypeError("no fingerprint")

@@ -48,7 +48,7 @@ import torch
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import NORMS, ExperimentConfig, _check_eps, load_yaml, parse_override
 from oodray.errors import ConfigError, OodrayError
-from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint
+from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, safe_child
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT = "oodray.eval/1"
@@ -85,7 +85,7 @@ def build_defended(cfg: ExperimentConfig, classifier: torch.nn.Module, translato
     from oodray.train import load_defended
 
     if translator_state is not None:
-        return load_defended(translator_state, classifier)
+        return load_defended(translator_state, classifier, translator_state.get("path", "<memory>"))
     return DefendedModel(classifier, build_translator(cfg.translator, classifier.info.channels)).eval()
 
 
@@ -320,7 +320,8 @@ def _translator_state(cfg: ExperimentConfig, checkpoint: str | Path | None) -> t
         raise ConfigError(f"checkpoint '{checkpoint}' defends classifier '{have}', not '{want}'")
     p = Path(checkpoint)
     sha = _sha256(p / CHECKPOINT_FILE if p.is_dir() else p)
-    return {"config": state["config"], "translator": state["translator"], "gate": state.get("gate")}, sha
+    return {"config": state["config"], "translator": state["translator"], "gate": state.get("gate"),
+            "path": str(checkpoint)}, sha
 
 
 @dataclass
@@ -354,6 +355,7 @@ def _load_inputs(cfg: ExperimentConfig, checkpoint: str | Path | None, label: st
     block = block_size(len(y), cfg.eval.batch_size)
     classifier, cpath = get_classifier(cfg, splits, train=checkpoint is None)
     classifier_state = load_checkpoint(cpath, what="classifier checkpoint")
+    defended = build_defended(cfg, classifier, translator_state)  # a checkpoint that does not fit fails before work
     surrogate_state, surrogate_sha, notes = None, None, []
     if "transfer" in cfg.eval.threat_models:
         _, spath = get_classifier(cfg.replace(**{"classifier.seed": cfg.classifier.seed + 1}), splits)
@@ -363,7 +365,6 @@ def _load_inputs(cfg: ExperimentConfig, checkpoint: str | Path | None, label: st
         if same:  # e.g. pretrained weights with classifier.epochs=0: the seed changes nothing
             notes.append({"kind": "surrogate_equals_classifier", "threat_model": "transfer", "detail":
                           "the surrogate has C's exact weights, so 'transfer' is a white-box attack on C"})
-    defended = build_defended(cfg, classifier, translator_state)
     arch = ExperimentConfig.from_dict(translator_state["config"]).translator.arch if translator_state \
         else cfg.translator.arch
     fingerprint = {"format": RESULT_FORMAT, "data": cfg.to_dict()["data"] | {"data_dir": None},
@@ -654,7 +655,7 @@ def default_out_and_label(cfg: ExperimentConfig, checkpoint: str | None, epoch: 
     p = Path(checkpoint)
     d = p if p.is_dir() else p.parent
     run_dir = d.parent if d.name.startswith("checkpoint_") else d
-    return run_dir / "eval" / f"epoch{epoch}", f"{run_dir.name}-epoch{epoch}"
+    return safe_child(run_dir / "eval", f"epoch{epoch}"), f"{run_dir.name}-epoch{epoch}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,14 @@ def load_checkpoint(path: str | Path, *, what: str = "checkpoint", sha256: str |
     return obj
 
 
+def check_finite(tensors: dict[str, Any], what: str, path: str | Path) -> None:
+    """Refuses weights holding NaN/Inf (a diverged or damaged run): every output computed from them is meaningless."""
+    for key, v in tensors.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{what} '{path}' holds NaN/Inf values (in '{key}'); it comes from a diverged or "
+                                  "damaged run and cannot be used")
+
+
 def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Path:
     """Creates the directory if needed and checks that files can be written there."""
     p = Path(path)

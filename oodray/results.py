@@ -20,7 +20,7 @@ import pandas as pd
 
 from oodray.cli import run
 from oodray.config import ExperimentConfig
-from oodray.errors import OodrayError
+from oodray.errors import ConfigError, OodrayError
 from oodray.io import atomic_write_text
 from oodray.storage import exists, is_uri, mirror_down, mirror_up
 
@@ -41,6 +41,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file of the experiment; an unreadable or cut one is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OodrayError(f"'{path}' is unreadable or not valid JSON ({e}); it was cut short or damaged") from None
+
+
 def latest_checkpoint(run_dir: Path) -> str | None:
     ckpts = sorted(run_dir.glob("checkpoint_*/translator.pt"))
     return str(ckpts[-1]) if ckpts else None
@@ -54,14 +62,17 @@ def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:
     cfg_path = exp_dir / "oodray_config.json"
     if not cfg_path.exists():
         raise OodrayError(f"'{exp_dir}' is not an oodray experiment (no oodray_config.json)")
-    base = ExperimentConfig.from_dict(json.loads(cfg_path.read_text()))
+    try:
+        base = ExperimentConfig.from_dict(_read_json(cfg_path))
+    except ConfigError as e:
+        raise ConfigError(f"'{cfg_path}': {e}") from None
     trials = []
     for params_file in sorted(exp_dir.glob("*/params.json")):
         tdir = params_file.parent
         history = _read_jsonl(tdir / "result.json")
         if not history:
             continue
-        params = json.loads(params_file.read_text())
+        params = _read_json(params_file)
         trial_id = history[-1].get("trial_id") or tdir.name
         cfg = base.replace(**trial_overrides(params, base))
         trials.append({
@@ -96,7 +107,7 @@ def _eval_columns(summary: dict[str, Any]) -> dict[str, Any]:
 def build_table(exp_dir: str | Path) -> pd.DataFrame:
     """The ranked table: trials (best first) and the undefended classifier, one row each."""
     exp_dir = Path(exp_dir)
-    base = json.loads((exp_dir / "oodray_config.json").read_text()) if (exp_dir / "oodray_config.json").exists() else {}
+    base = _read_json(exp_dir / "oodray_config.json") if (exp_dir / "oodray_config.json").exists() else {}
     objective = base.get("tune", {}).get("objective", "robust")
     rows = []
     for rank, t in enumerate(rank_trials(load_trials(exp_dir), objective), 1):
@@ -112,11 +123,11 @@ def build_table(exp_dir: str | Path) -> pd.DataFrame:
                     "time s": round(m.get("time_total_s") or 0.0, 1)})
         summary = exp_dir / "eval" / f"trial-{t['trial_id']}" / "summary.json"
         if summary.exists():
-            row.update(_eval_columns(json.loads(summary.read_text())))
+            row.update(_eval_columns(_read_json(summary)))
         rows.append(row)
     und = exp_dir / "eval" / "undefended" / "summary.json"
     if und.exists():
-        summary = json.loads(und.read_text())
+        summary = _read_json(und)
         rows.append({"rank": None, "trial": "undefended", "arch": "identity", **_eval_columns(summary)})
     if not rows:
         raise OodrayError(f"experiment '{exp_dir}' has no finished trial results yet")
@@ -205,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     exp = _local(args.experiment, args.local_dir)
     table = build_table(exp)
-    write_outputs(table, exp)
+    try:
+        write_outputs(table, exp)
+    except OSError as e:
+        target = e.filename2 or e.filename  # os.replace(tmp, target) names the target second
+        raise OodrayError(f"cannot write the results into '{exp}' ({e.strerror or e}: '{target}')") from None
     if is_uri(args.experiment):
         mirror_up(exp, args.experiment, RESULT_FILES)
     print(table.to_string(index=False))

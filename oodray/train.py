@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import ExperimentConfig, save_config
 from oodray.errors import CheckpointError, ConfigError
-from oodray.io import ensure_writable_dir, load_checkpoint, save_checkpoint
+from oodray.io import check_finite, ensure_writable_dir, load_checkpoint, safe_child, save_checkpoint
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "oodray.translator/1"
@@ -261,7 +261,29 @@ def load_translator_checkpoint(path: str | Path) -> dict[str, Any]:
     state = load_checkpoint(p, what="translator checkpoint")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"'{p}' is not an oodray translator checkpoint (format {state.get('format')!r})")
+    if not (isinstance(state.get("translator"), dict) and isinstance(state.get("config"), dict)
+            and type(state.get("epoch")) is int):
+        raise CheckpointError(f"translator checkpoint '{p}' lacks its weights, config or integer epoch")
+    check_finite(state["translator"], "translator checkpoint", p)
     return state
+
+
+def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """A re-run resumes from the run's newest checkpoint: it is checked here, on the driver before Ray starts, so that
+    a damaged one, or one of another translator (a reused --name), is a one-line error, not failing workers."""
+    ckpts = sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    if not ckpts:
+        return
+    state = load_translator_checkpoint(ckpts[-1])
+    try:
+        saved = ExperimentConfig.from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"translator checkpoint '{ckpts[-1]}' holds a config this version rejects ({e})",
+                              ) from None
+    if saved.translator != cfg.translator or saved.data.name != cfg.data.name:
+        raise CheckpointError(f"run '{run_dir}' resumes from '{ckpts[-1]}', a '{saved.translator.arch}' translator on "
+                              f"'{saved.data.name}', but this config trains a '{cfg.translator.arch}' on "
+                              f"'{cfg.data.name}'; pass another --name to start a new run")
 
 
 def load_defended(state: dict[str, Any], classifier: torch.nn.Module, path: str = "<memory>") -> torch.nn.Module:
@@ -364,9 +386,16 @@ def main(argv: list[str] | None = None) -> int:
                           f"python -m oodray.evaluate --translator {cfg.translator.arch}")
     storage = storage_uri(cfg.storage)
     name = run_name(cfg)
+    run_dir = safe_child(storage, name)  # a name may not climb out of the storage directory
     if "://" not in storage:
-        ensure_writable_dir(Path(storage) / name, "storage path")
-        save_config(cfg, Path(storage) / name, "oodray_config.json")
+        ensure_writable_dir(run_dir, "storage path")
+        check_resumable(cfg, run_dir)
+    from oodray.classifier import get_classifier
+    from oodray.data import load_dataset
+
+    get_classifier(cfg, load_dataset(cfg.data))  # bad data or a bad cached C fail here: before Ray, nothing written
+    if "://" not in storage:
+        save_config(cfg, run_dir, "oodray_config.json")
     init_ray()
     loop = prepare_run(cfg)
     t0 = time.time()

@@ -26,7 +26,7 @@ from typing import Any
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import ExperimentConfig, save_config
 from oodray.errors import ConfigError, OodrayError
-from oodray.io import ensure_writable_dir
+from oodray.io import ensure_writable_dir, safe_child
 from oodray.storage import exists, has_content, is_uri, mirror_down, mirror_up
 from oodray.storage import join as storage_join
 
@@ -255,11 +255,12 @@ def final_evaluation(cfg: ExperimentConfig, exp_dir: Path) -> None:
         (cfg.replace(**{"translator.arch": "identity"}), None, "undefended")]
     jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], f"trial-{t['trial_id']}") for t in top]
     for job_cfg, ckpt, label in jobs:
-        if (exp_dir / "eval" / label / "summary.json").exists():
+        out = safe_child(exp_dir / "eval", label)  # trial ids come from files in the experiment directory
+        if (out / "summary.json").exists():
             log.info("%s already evaluated; kept", label)
             continue
         log.info("final AutoAttack evaluation of %s", label)
-        run_evaluation(job_cfg, checkpoint=ckpt, out_dir=exp_dir / "eval" / label, label=label)
+        run_evaluation(job_cfg, checkpoint=ckpt, out_dir=out, label=label)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     storage = storage_uri(cfg.storage)
     name = experiment_name(cfg, cfg.tune.objective)
+    safe_child(storage, name)  # a name may not climb out of the storage directory ('..', absolute)
     # With a URI, Tune/Train write there directly and oodray's own files are staged locally, then mirrored.
     exp_uri = storage_join(storage, name) if is_uri(storage) else str(Path(storage) / name)
     exp_dir = Path(args.local_dir) / name if is_uri(storage) else Path(storage) / name
@@ -300,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         raise OodrayError(f"experiment '{exp_uri}' already exists; pass --resume to continue it, or --name for a "
                           "new one (nothing was changed)")
     ensure_writable_dir(exp_dir, "local staging directory" if is_uri(storage) else "storage path")
-    init_ray()
-    check_storage(storage)
-    cluster_concurrency(cfg)
     from oodray.classifier import get_classifier
     from oodray.data import load_dataset
 
-    splits = load_dataset(cfg.data)
+    splits = load_dataset(cfg.data)  # bad data or a bad cached C fail here, before Ray starts or anything is written
     get_classifier(cfg, splits)  # train and cache C once, before trials share it
+    init_ray()
+    check_storage(storage)
+    cluster_concurrency(cfg)
     if cfg.translator.gate:
         log.info("gated translators: inputs under the Mahalanobis threshold skip T")
     save_config(cfg, exp_dir, "oodray_config.json")

@@ -15,7 +15,7 @@ from torch import nn
 
 from oodray.data import DatasetInfo
 from oodray.errors import CheckpointError
-from oodray.io import load_checkpoint, save_checkpoint
+from oodray.io import check_finite, load_checkpoint, save_checkpoint
 from oodray.registry import Registry
 
 CLASSIFIERS = Registry("classifier architecture")
@@ -109,6 +109,7 @@ def resnet50(info: DatasetInfo, weights: str | None = None) -> Classifier:
     if weights:
         state = load_checkpoint(weights, what="ResNet-50 weights file")
         state = state.get("state_dict", state)
+        check_finite(state, "ResNet-50 weights file", weights)
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
@@ -160,4 +161,5 @@ def load_classifier(path: str | Path, expect_dataset: str | None = None, expect_
                               f"not '{expect_dataset}'")
     if expect_arch and ckpt["arch"] != expect_arch:
         raise CheckpointError(f"classifier checkpoint '{path}' is a '{ckpt['arch']}', not '{expect_arch}'")
+    check_finite(ckpt.get("state_dict") or {}, "classifier checkpoint", path)
     return classifier_from_state(ckpt, str(path)), ckpt

@@ -1,0 +1,388 @@
+"""Bad input, one table for every CLI: exit 2, one `error:` line naming the problem, nothing written or lost.
+
+Each row runs `python -m oodray.<cli>` on one bad input and checks that: the exit code is 2; stderr ends with one line
+`error: ...` holding the row's words and no traceback; not one file under the workspace (an earlier run, an earlier
+evaluation, an earlier results table) or under the oodray cache was created, changed or deleted (a directory left
+empty by a writability check is allowed); and Ray was never started (`oodray.train.init_ray` raises in-process).
+Rows run in-process through the same `oodray.cli.run` the modules use; one row per CLI also runs as a real subprocess.
+
+NaN/Inf pixels: no input format a CLI reads can carry them (IDX files, ImageFolder images and CIFAR batches hold
+uint8; digits and synthetic are generated), so the rows feed NaN where tensors do enter: a cached classifier's
+weights, and a translator checkpoint's weights, whose outputs are the pixels C classifies.
+
+The security tests at the end: pickles carrying code are refused without running (translator checkpoint, cache
+shard, AutoAttack state), no module but oodray/io.py calls torch.load or pickle, local Ray binds its dashboard to
+127.0.0.1, and run/experiment names cannot climb out of the storage directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run_cli
+
+from oodray.config import resolve_config
+from oodray.errors import CheckpointError
+
+CLIS = ("classifier", "train", "evaluate", "tune", "results")
+RUN_AS_SUBPROCESS = {("classifier", "yaml-unknown-key"), ("train", "empty-data-dir"),
+                     ("evaluate", "truncated-checkpoint"), ("tune", "yaml-wrong-type"), ("results", "yaml-unknown-key")}
+
+
+class _Boom:
+    """Unpickling this runs `touch <marker>`: the file's existence tells whether a loader executed code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _idx(path: Path, arr: Any) -> None:
+    import numpy as np
+
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    path.write_bytes(header + arr.tobytes())
+
+
+def _translator_state(cfg, arch_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from oodray.classifier import classifier_key
+    from oodray.models.translator import build_translator
+
+    cfg = cfg.replace(**(arch_overrides or {}))
+    t = build_translator(cfg.translator, 1, (8, 8))
+    return {"format": "oodray.translator/1", "epoch": 1, "config": cfg.to_dict(), "translator": t.state_dict(),
+            "optimizer": {}, "gate": None, "metrics": {}, "classifier_key": classifier_key(cfg)}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """A workspace holding every bad input, beside earlier good results that must survive each bad command."""
+    from oodray.classifier import classifier_path, get_classifier
+    from oodray.data import DatasetInfo
+    from oodray.io import save_checkpoint
+    from oodray.models.classifier import build_classifier, save_classifier
+    from oodray.results import build_table, write_outputs
+
+    ws = tmp_path_factory.mktemp("bad-inputs")
+    cfg = resolve_config("synthetic")
+    _, cpath = get_classifier(cfg)  # the real cached C (session cache) that evaluate rows defend
+
+    (ws / "empty").mkdir()
+    rgb = ws / "rgb-idx"  # MNIST's IDX layout, but 3x28x28 (RGB) images
+    rgb.mkdir()
+    for split, n in (("train", 20), ("t10k", 10)):
+        _idx(rgb / f"{split}-images-idx3-ubyte", torch.zeros(n, 3, 28, 28))
+        _idx(rgb / f"{split}-labels-idx1-ubyte", torch.arange(n) % 10)
+    (ws / "unknown-key.yaml").write_text("train:\n  lr: 0.001\n  epochz: 3\n")
+    (ws / "wrong-type.yaml").write_text("train:\n  epochs: three\n")
+    (ws / "a-file").write_text("a regular file: nothing can be created below it, even by root\n")
+
+    # Cached classifiers that are damaged: truncated, NaN weights, another architecture under tiny_cnn's key.
+    good = cpath.read_bytes()
+    for case in ("trunc", "nan", "arch"):
+        dst = classifier_path(cfg.replace(cache_dir=str(ws / "caches" / case)))
+        dst.parent.mkdir(parents=True)
+        if case == "trunc":
+            dst.write_bytes(good[: len(good) // 2])
+        elif case == "nan":
+            state = torch.load(cpath, weights_only=True)
+            first = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
+            state["state_dict"][first][0] = float("nan")
+            save_checkpoint(state, dst)
+        else:
+            info = DatasetInfo("synthetic", 10, 1, (8, 8), (0.5,), (0.25,))
+            save_classifier(build_classifier("small_cnn", info), dst, cfg.to_dict(), {})
+
+    # Translator checkpoints for synthetic's C: truncated, NaN weights, unet weights labelled 'tiny', a classifier.
+    ok = _translator_state(cfg)
+    save_checkpoint(ok, ws / "translator.pt")
+    (ws / "truncated.pt").write_bytes((ws / "translator.pt").read_bytes()[:300])
+    nan = _translator_state(cfg)
+    first = next(k for k, v in nan["translator"].items() if v.is_floating_point())
+    nan["translator"][first].view(-1)[0] = float("inf")
+    save_checkpoint(nan, ws / "nan.pt")
+    other = _translator_state(cfg)
+    other["translator"] = _translator_state(cfg, {"translator.arch": "unet", "translator.depth": 1,
+                                                  "translator.width": 4})["translator"]
+    save_checkpoint(other, ws / "other-arch.pt")
+
+    # Earlier train runs to resume: one whose newest checkpoint is cut short, one of a unet translator.
+    storage = ws / "storage"
+    for name, state in (("resume-truncated", None),
+                        ("resume-unet", _translator_state(cfg, {"translator.arch": "unet", "translator.depth": 1,
+                                                                "translator.width": 4}))):
+        ckpt = storage / name / "checkpoint_2026-01-01_00-00-00.000000" / "translator.pt"
+        ckpt.parent.mkdir(parents=True)
+        if state is None:
+            ckpt.write_bytes((ws / "translator.pt").read_bytes()[:300])
+        else:
+            save_checkpoint(state, ckpt)
+    (storage / "earlier" / "oodray_config.json").parent.mkdir()
+    (storage / "earlier" / "oodray_config.json").write_text(json.dumps(cfg.to_dict()))
+
+    out = ws / "out"  # an earlier evaluation's result
+    out.mkdir()
+    (out / "oblivious-Linf-0.1.json").write_text('{"complete": true, "fingerprint": {}}')
+
+    # A small finished experiment with its results table, and damaged copies of it.
+    exp = ws / "exp"
+    (exp / "trial_a").mkdir(parents=True)
+    (exp / "oodray_config.json").write_text(json.dumps(cfg.to_dict()))
+    (exp / "trial_a" / "params.json").write_text(json.dumps({"translator.width": 8}))
+    (exp / "trial_a" / "result.json").write_text(json.dumps(
+        {"trial_id": "a", "epoch": 1, "objective": 0.5, "clean_accuracy": 0.9, "robust_accuracy": 0.5,
+         "time_total_s": 1.0}) + "\n")
+    write_outputs(build_table(exp), exp)
+    for case in ("exp-truncated", "exp-unknown-key", "exp-wrong-type", "exp-unwritable"):
+        shutil.copytree(exp, ws / case)
+    params = ws / "exp-truncated" / "trial_a" / "params.json"
+    params.write_text(params.read_text()[:10])
+    bad = cfg.to_dict()
+    bad["train"]["epochz"] = 3
+    (ws / "exp-unknown-key" / "oodray_config.json").write_text(json.dumps(bad))
+    bad = cfg.to_dict()
+    bad["train"]["epochs"] = "three"
+    (ws / "exp-wrong-type" / "oodray_config.json").write_text(json.dumps(bad))
+    (ws / "exp-unwritable" / "results.csv").unlink()
+    (ws / "exp-unwritable" / "results.csv").mkdir()  # cannot be replaced by a file (as a read-only mount)
+    return ws
+
+
+def _case(ws: Path, cli: str, case: str) -> tuple[list[str], list[str]] | None:
+    """(argv, words the error line must hold) of one row; None where the input does not apply to the CLI."""
+    storage, out = str(ws / "storage"), str(ws / "out")
+    where = {"classifier": [], "train": ["--storage", storage, "--name", "bad"], "tune": ["--storage", storage,
+             "--name", "bad"], "evaluate": ["--translator", "identity", "--threat-models", "oblivious", "--out", out]}
+    base = where.get(cli, [])
+    cache = {c: ["--dataset", "synthetic", "--cache-dir", str(ws / "caches" / c), *base] for c in ("trunc", "nan",
+                                                                                                   "arch")}
+    rows: dict[str, dict[str, tuple[list[str], list[str]]]] = {
+        "empty-data-dir": {
+            **{c: (["--dataset", "mnist", "--data-dir", str(ws / "empty"), *where[c]], ["mnist not found",
+                                                                                        str(ws / "empty")])
+               for c in where},
+            "results": ([str(ws / "empty")], ["not an oodray experiment"]),
+        },
+        "wrong-channels": {c: (["--dataset", "mnist", "--data-dir", str(ws / "rgb-idx"), *where[c]],
+                               ["images have shape", "expected (1, 28, 28)"]) for c in where},
+        "nan-weights": {
+            **{c: (cache["nan"], ["NaN/Inf", "classifier checkpoint"]) for c in ("classifier", "train", "tune")},
+            "evaluate": (["--checkpoint", str(ws / "nan.pt"), "--out", out], ["NaN/Inf", "nan.pt"]),
+        },
+        "truncated-checkpoint": {
+            **{c: (cache["trunc"], ["corrupt", "classifier checkpoint"]) for c in ("classifier", "train", "tune")},
+            "evaluate": (["--checkpoint", str(ws / "truncated.pt"), "--out", out], ["corrupt", "truncated.pt"]),
+            "results": ([str(ws / "exp-truncated")], ["params.json", "not valid JSON"]),
+        },
+        "truncated-checkpoint-resume": {
+            "train": (["--dataset", "synthetic", "--storage", storage, "--name", "resume-truncated"],
+                      ["corrupt", "resume-truncated"]),
+        },
+        "other-architecture": {
+            **{c: (cache["arch"], ["is a 'small_cnn', not 'tiny_cnn'"]) for c in ("classifier", "train", "tune")},
+            "evaluate": (["--checkpoint", str(ws / "other-arch.pt"), "--out", out],
+                         ["does not fit a 'tiny'", "other-arch.pt"]),
+        },
+        "other-architecture-resume": {
+            "train": (["--dataset", "synthetic", "--storage", storage, "--name", "resume-unet"],
+                      ["a 'unet' translator", "another --name"]),
+        },
+        "yaml-unknown-key": {
+            **{c: (["--dataset", "synthetic", "--config", str(ws / "unknown-key.yaml"), *where[c]],
+                   ["unknown config key 'train.epochz'"]) for c in where},
+            "results": ([str(ws / "exp-unknown-key")], ["oodray_config.json", "unknown config key 'train.epochz'"]),
+        },
+        "yaml-wrong-type": {
+            **{c: (["--dataset", "synthetic", "--config", str(ws / "wrong-type.yaml"), *where[c]],
+                   ["'train.epochs' must be an integer", "three"]) for c in where},
+            "results": ([str(ws / "exp-wrong-type")], ["oodray_config.json", "'train.epochs' must be an integer"]),
+        },
+        "unwritable-output": {
+            "classifier": (["--dataset", "synthetic", "--seed", "3", "--cache-dir", str(ws / "a-file" / "c")],
+                           ["not writable", "a-file"]),
+            "train": (["--dataset", "synthetic", "--storage", str(ws / "a-file" / "s")], ["not writable", "a-file"]),
+            "tune": (["--dataset", "synthetic", "--storage", str(ws / "a-file" / "s")], ["not writable", "a-file"]),
+            "evaluate": (["--translator", "identity", "--dataset", "synthetic", "--threat-models", "oblivious",
+                          "--out", str(ws / "a-file" / "o")], ["not writable", "a-file"]),
+            "results": ([str(ws / "exp-unwritable")], ["cannot write the results", "results.csv"]),
+        },
+    }
+    return rows[case].get(cli)
+
+
+CASES = ("empty-data-dir", "wrong-channels", "nan-weights", "truncated-checkpoint", "truncated-checkpoint-resume",
+         "other-architecture", "other-architecture-resume", "yaml-unknown-key", "yaml-wrong-type", "unwritable-output")
+
+
+def _files(root: Path, content: bool = True) -> dict[str, tuple[int, Any]]:
+    """Every file below root: size and content hash, or modification time (directories are not compared)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest() if content
+                                       else p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# Rows that do not apply are left out (results reads no images or weights; only train resumes a run by name).
+ROWS = [(cli, case) for case in CASES for cli in CLIS if _case(Path("/ws"), cli, case) is not None]
+
+
+@pytest.mark.parametrize("cli, case", ROWS, ids=[f"{cli}-{case}" for cli, case in ROWS])
+def test_bad_input(cli, case, ws, oodray_cache, monkeypatch, capsys):
+    argv, words = _case(ws, cli, case)
+    before = {"ws": _files(ws), "cache": _files(oodray_cache, content=False)}
+    if (cli, case) in RUN_AS_SUBPROCESS:
+        proc = run_cli(f"oodray.{cli}", *argv, timeout=120)
+        assert_one_line_error(proc, *words)
+        assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1, proc.stderr[-2000:]
+    else:
+        import importlib
+
+        from oodray.cli import run
+
+        def no_ray(*_a, **_k):
+            raise AssertionError("bad input reached Ray")
+
+        monkeypatch.setattr("oodray.train.init_ray", no_ray)
+        main = importlib.import_module(f"oodray.{cli}").main
+        with pytest.raises(SystemExit) as exit_info:
+            run(main, argv)
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert exit_info.value.code == 2, err[-2000:]
+        assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err[-2000:]
+        for w in words:
+            assert w in errors[0], (w, errors[0])
+    after = {"ws": _files(ws), "cache": _files(oodray_cache, content=False)}
+    assert after == before, "a bad command wrote, changed or deleted files"
+
+
+# --- security ----------------------------------------------------------------------------------------------------
+
+
+def test_translator_checkpoint_carrying_code_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    cfg = resolve_config("synthetic")
+    torch.save({"format": "oodray.translator/1", "epoch": 1, "config": cfg.to_dict(), "translator": _Boom(marker)},
+               evil)
+    proc = run_cli("oodray.evaluate", "--checkpoint", str(evil), "--out", str(tmp_path / "out"), timeout=120)
+    assert_one_line_error(proc, "refused to unpickle", "evil.pt")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_cache_shard_carrying_code_is_refused_without_running(tmp_path):
+    """Even with a manifest whose checksum matches (someone who can write the cache), a shard is only ever data."""
+    from oodray.cache import cache_dir, ensure_oblivious_cache
+    from oodray.classifier import classifier_key, get_classifier
+
+    marker = tmp_path / "pwned"
+    cfg = resolve_config("synthetic", overrides=[f"cache_dir={tmp_path / 'cache'}"])
+    shutil.copytree(get_classifier(resolve_config("synthetic"))[1].parent,
+                    tmp_path / "cache" / "classifiers" / classifier_key(cfg))
+    _, cpath = get_classifier(cfg)
+    d = cache_dir(cfg, cpath)
+    d.mkdir(parents=True)
+    torch.save({"x_adv": _Boom(marker), "start": 0, "stop": 400}, d / "shard-00000.pt")
+    sha = hashlib.sha256((d / "shard-00000.pt").read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps({"n": 400, "shard_size": 512, "shards": {
+        "00000": {"sha256": sha, "start": 0, "stop": 400}}}))
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        ensure_oblivious_cache(cfg, cpath)
+    assert not marker.exists()
+
+
+def test_autoattack_state_carrying_code_is_refused_without_running(tmp_path):
+    from oodray.attacks import autoattack
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "block-000000.pt"
+    torch.save({"fingerprint": _Boom(marker)}, evil)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    with pytest.raises(ValueError, match="not an oodray AutoAttack state"):
+        autoattack(model, torch.rand(4, 1, 8, 8), torch.arange(4), norm="Linf", eps=0.1, state_path=evil)
+    assert not marker.exists()
+
+
+UNPICKLING = re.compile(r"\btorch\.load\(|\bpickle\.loads?\(|^\s*import (cloud)?pickle|weights_only\s*=\s*False")
+
+
+def test_only_oodray_io_unpickles():
+    """Every checkpoint, cache shard and state file goes through oodray.io.load_checkpoint (weights_only)."""
+    offenders = []
+    for path in sorted((ROOT / "oodray").rglob("*.py")):
+        if path.name == "io.py" and path.parent.name == "oodray":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if UNPICKLING.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, offenders
+
+
+@pytest.mark.ray
+def test_local_ray_binds_its_dashboard_to_loopback(tmp_path):
+    """`oodray.train.init_ray` (used by every CLI) starts local Ray with its dashboard on 127.0.0.1 only."""
+    script = (
+        "import os, ray\n"
+        "from oodray.train import init_ray\n"
+        "init_ray(num_cpus=1)\n"
+        "print('URL', ray._private.worker._global_node.webui_url)\n"
+        "me = str(os.getpid())\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode()\n"
+        "        ppid = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1]\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    if ppid == me and 'dashboard/dashboard.py' in cmd:\n"
+        "        print('DASHBOARD', cmd)\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    url = re.search(r"^URL (\S+)$", proc.stdout, re.M)
+    assert url and url.group(1).startswith("127.0.0.1:"), proc.stdout
+    dash = re.findall(r"^DASHBOARD (.*)$", proc.stdout, re.M)
+    assert len(dash) == 1 and "--host=127.0.0.1" in dash[0] and "0.0.0.0" not in dash[0], dash
+
+
+@pytest.mark.parametrize("cli", ["train", "tune"])
+@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "<absolute>"])
+def test_names_cannot_escape_the_storage_directory(cli, name, tmp_path, monkeypatch, capsys):
+    from oodray.cli import run
+
+    monkeypatch.setattr("oodray.train.init_ray", lambda *a, **k: pytest.fail("bad input reached Ray"))
+    storage = tmp_path / "storage"
+    name = str(tmp_path / "escape") if name == "<absolute>" else name
+    main = __import__(f"oodray.{cli}", fromlist=["main"]).main
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, ["--dataset", "synthetic", "--storage", str(storage), "--name", name])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "must be a relative path inside" in err and name in err, err
+    assert not (tmp_path / "escape").exists()
+    assert not storage.exists() or not any(storage.rglob("*"))
+
+
+def test_checkpoint_epoch_cannot_become_a_path(tmp_path):
+    """evaluate derives its output directory from the checkpoint's epoch: only an integer epoch is accepted."""
+    from oodray.io import save_checkpoint
+
+    state = _translator_state(resolve_config("synthetic"))
+    state["epoch"] = "1/../../../escape"
+    run_dir = tmp_path / "run" / "checkpoint_x"
+    save_checkpoint(state, run_dir / "translator.pt")
+    proc = run_cli("oodray.evaluate", "--checkpoint", str(run_dir / "translator.pt"), timeout=120)
+    assert_one_line_error(proc, "integer epoch")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint_x", "run", "translator.pt"]
