@@ -1,0 +1,324 @@
+"""Fault injection with real processes and a real local Ray (CPU): what survives a SIGKILL, and what a resume redoes.
+
+- a Ray Train worker killed mid-epoch: Train's FailureConfig restarts the worker group from the last checkpoint;
+- the `python -m oodray.tune` driver killed mid-search: `--resume` finishes it without re-running finished trials;
+- an oblivious-cache build killed mid-way: the next build regenerates only the shards that were not recorded.
+(A killed AutoAttack task resuming from its state file is in tests/test_evaluate.py:
+test_killed_task_resumes_from_its_state_file.)
+
+Processes are found by walking /proc from a process this test started, so other Ray clusters on the machine are never
+touched; every wait is bounded. See docs/reliability.md for the guarantees these tests stand behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from oodray.config import resolve_config
+
+pytestmark = [pytest.mark.fault, pytest.mark.ray]
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- process helpers ---------------------------------------------------------------------------------------------
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) for every process we can read."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(entry)] = (ppid, cmd)
+    return out
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every live process below `root` (Ray's raylet, workers, actors...), with its command line."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out[child] = procs[child][1]
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def reap(pids: dict[int, str], timeout: float = 5.0) -> dict[int, str]:
+    """Waits for processes orphaned by a kill to go away; SIGKILLs, by pid, those still there (Ray's dashboard and
+    runtime-env agents outlive a SIGKILLed driver by minutes). Returns those it had to kill."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    left = {p: cmd[:80] for p, cmd in pids.items() if _alive(p)}
+    for p in left:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen | None = None,
+             interval: float = 0.05) -> Any:
+    """Polls `cond` until it returns something truthy; fails (with the process's output) after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"process exited ({proc.returncode}) before {what}: {_tail(proc)}")
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {_tail(proc)}" if proc else ""))
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text()[-3000:] if log and Path(log).exists() else ""
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    """A real CLI/driver process with the session's cache, its output in `log`; never attached to another Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                env={**env, "PYTHONUNBUFFERED": "1"})
+    proc.log_path = str(log)
+    return proc
+
+
+def kill_hard(proc: subprocess.Popen) -> dict[int, str]:
+    """SIGKILLs a driver as an OOM killer or a lost node would; then reaps the Ray processes it leaves behind, so that
+    nothing of the killed run can write to storage after this returns."""
+    below = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return reap(below)
+
+
+@pytest.fixture
+def ray_here():
+    """A real local Ray in this process, for this test only (no other Ray of ours runs beside it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# --- a Ray Train worker killed mid-epoch -------------------------------------------------------------------------
+
+
+def _latest_registered_epoch(run_dir: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has registered (its checkpoint manager snapshot), 0 if none."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snap["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_here, tmp_path):
+    """SIGKILL one of two DDP workers during epoch 2 of 3: FailureConfig restarts the worker group, which resumes
+    from the epoch-1 checkpoint and still ends after exactly 3 epochs."""
+    from oodray.train import fit_translator, load_translator_checkpoint, prepare_run
+
+    # Adaptive regime with 60-step PGD per batch: an epoch takes seconds, so the kill lands inside one.
+    cfg = resolve_config("synthetic", overrides=[
+        "train.workers=2", "train.cpus_per_worker=0.5", "train.epochs=3", "train.regime=adaptive",
+        "attack.steps=60", "attack.shift_fraction=0", "train.proxy_examples=16", "train.max_failures=2"])
+    loop = prepare_run(cfg)
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = fit_translator(cfg, loop, storage=str(tmp_path), name="run")
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    t0 = time.time()
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    run_dir = tmp_path / "run"
+    epoch_at_kill = wait_for(lambda: _latest_registered_epoch(run_dir), 240, "the first registered checkpoint")
+    workers = wait_for(lambda: [p for p, cmd in descendants(os.getpid()).items() if "RayTrainWorker" in cmd], 10,
+                       "the RayTrainWorker processes")
+    assert thread.is_alive() and epoch_at_kill < 3, "training finished before a worker could be killed"
+    victim = workers[-1]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "training did not finish within 300 s of the kill"
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.error is None
+    assert not _alive(victim)
+    m = result.metrics
+    assert m["epoch"] == 3 and m["world_size"] == 2
+    # The restarted group loaded the checkpoint registered before the kill instead of starting over.
+    assert m["resumed_from_epoch"] >= epoch_at_kill >= 1, (m["resumed_from_epoch"], epoch_at_kill)
+    state = load_translator_checkpoint(result.checkpoint.path)
+    assert state["epoch"] == 3 and state["metrics"]["resumed_from_epoch"] == m["resumed_from_epoch"]
+    print(f"worker kill at epoch {epoch_at_kill}: resumed from {m['resumed_from_epoch']}, {time.time() - t0:.0f}s")
+
+
+# --- the oodray.tune driver killed mid-search --------------------------------------------------------------------
+
+TUNE = ["-m", "oodray.tune", "--dataset", "synthetic", "--num-samples", "3", "--epochs", "1", "--max-concurrent", "2",
+        "--final-top-k", "0", "--set", "train.max_batches=3", "--set", "train.proxy_examples=16",
+        "--set", "train.cpus_per_worker=0.25", "--set", "eval.n_examples=8", "--set", "eval.threat_models=[oblivious]",
+        "--set", "eval.shifts=false", "--set", "eval.cpus_per_task=0.5",
+        "--set", "tune.space={translator.width: [8], translator.blocks: [1], train.regime: [adaptive]}"]
+
+
+def _trial_statuses(exp: Path) -> dict[str, str]:
+    """trial id -> status, from the newest experiment state Tune has written (what `--resume` restores)."""
+    files = sorted(exp.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+        return {t["trial_id"]: t["status"] for t in (json.loads(a) for a, _ in state["trial_data"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # caught mid-write; poll again
+
+
+def _stamps(exp: Path, trial_id: str) -> dict[str, int]:
+    files = [*exp.glob(f"train/trial-{trial_id}/checkpoint_*/translator.pt"), *exp.glob(f"*{trial_id}*/result.json")]
+    return {str(p.relative_to(exp)): p.stat().st_mtime_ns for p in files}
+
+
+def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    """SIGKILL `python -m oodray.tune` once Tune has recorded a finished trial; `--resume` completes the experiment,
+    leaves the finished trials' checkpoints and results untouched and tabulates every trial exactly once."""
+    t0 = time.time()
+    args = [*TUNE, "--storage", str(tmp_path), "--name", "exp"]
+    exp = tmp_path / "exp"
+    proc = spawn(args, tmp_path / "first.log")
+    try:
+        statuses = wait_for(lambda: (s := _trial_statuses(exp)) and "TERMINATED" in s.values() and s, 400,
+                            "a finished trial in the experiment state", proc, interval=0.2)
+        finished = sorted(t for t, s in statuses.items() if s == "TERMINATED")
+        stamps = {t: _stamps(exp, t) for t in finished}
+        assert all(any(k.endswith("translator.pt") for k in s) for s in stamps.values()), stamps
+    finally:
+        kill_hard(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(finished) < 3 and not (exp / "results.csv").exists(), "the search finished before the kill"
+    t_kill = time.time() - t0
+
+    resumed = spawn([*args, "--resume"], tmp_path / "resume.log")
+    try:
+        rc = resumed.wait(timeout=500)
+    finally:
+        if resumed.poll() is None:
+            kill_hard(resumed)
+    assert rc == 0, _tail(resumed)
+    for t in finished:  # finished trials were not re-run: not one of their files was rewritten
+        assert _stamps(exp, t) == stamps[t], t
+    final = _trial_statuses(exp)
+    assert len(final) == 3 and set(final.values()) == {"TERMINATED"}, final
+    table = pd.read_csv(exp / "results.csv")
+    rows = table["trial"].tolist()
+    assert sorted(rows) == sorted([f"trial-{t}" for t in final] + ["undefended"]), rows
+    print(f"tune: killed after {t_kill:.0f}s with {finished} finished; resumed in {time.time() - t0 - t_kill:.0f}s")
+
+
+# --- an oblivious-cache build killed mid-way ---------------------------------------------------------------------
+
+SMALL_SHARDS = 40  # 400 training images -> 10 shards, so a kill can land between them
+CACHE_OVERRIDES = ["attack.attacks=[pgd]", "attack.steps=200"]
+CACHE_SCRIPT = f"""
+import ray, oodray.cache as cache
+from oodray.classifier import get_classifier
+from oodray.config import resolve_config
+cache.SHARD_SIZE = {SMALL_SHARDS}
+cfg = resolve_config("synthetic", overrides={CACHE_OVERRIDES!r})
+_, cpath = get_classifier(cfg)
+ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+print("building", cache.cache_dir(cfg, cpath), flush=True)
+cache.build_oblivious_cache(cfg, cpath)
+print("finished", flush=True)
+"""
+
+
+def test_killed_cache_build_regenerates_only_unrecorded_shards(tmp_path, monkeypatch):
+    """SIGKILL a process building the oblivious cache after some shards are recorded: the next build keeps those
+    shards byte for byte, regenerates only the others, and the result equals an uninterrupted build."""
+    import ray
+
+    import oodray.cache as cache
+    from oodray.classifier import get_classifier
+
+    monkeypatch.setattr(cache, "SHARD_SIZE", SMALL_SHARDS)
+    cfg = resolve_config("synthetic", overrides=CACHE_OVERRIDES)
+    _, cpath = get_classifier(cfg)
+    d = cache.cache_dir(cfg, cpath)
+    n_shards = -(-400 // SMALL_SHARDS)
+
+    def recorded() -> dict[str, Any]:
+        try:
+            return json.loads((d / "manifest.json").read_text())["shards"]
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    assert not recorded(), f"{d} already holds a cache"
+    t0 = time.time()
+    proc = spawn(["-c", CACHE_SCRIPT], tmp_path / "build.log")
+    try:
+        wait_for(lambda: len(recorded()) >= 2, 240, "two recorded shards", proc, interval=0.01)
+    finally:
+        kill_hard(proc)
+    done = recorded()
+    assert 2 <= len(done) < n_shards, f"the build finished ({len(done)} shards) before the kill"
+    kept = {sid: (d / f"shard-{sid}.pt").read_bytes() for sid in done}
+    t_kill = time.time() - t0
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        _, generated = cache.build_oblivious_cache(cfg, cpath)
+        assert generated == n_shards - len(done)
+        assert {sid: (d / f"shard-{sid}.pt").read_bytes() for sid in done} == kept
+        resumed = cache.load_oblivious_cache(d)
+        assert resumed.shape == (400, 1, 8, 8)
+        # The uninterrupted answer: the same cache built from nothing in one go.
+        d.rename(d.with_name(d.name + "-resumed"))
+        _, generated = cache.build_oblivious_cache(cfg, cpath)
+        assert generated == n_shards
+        assert torch.equal(cache.load_oblivious_cache(d), resumed)
+        print(f"cache: killed after {t_kill:.0f}s with {len(done)}/{n_shards} shards; resumed and rebuilt in "
+              f"{time.time() - t0 - t_kill:.0f}s")
+    finally:
+        ray.shutdown()
