@@ -71,8 +71,7 @@ def _generate_shard(cfg_dict: dict[str, Any], classifier_state: Any, start: int,
 
 def ensure_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path) -> torch.Tensor:
     """The cached oblivious OOD images for the training split (float16, split order), generating missing shards."""
-    d, generated = build_oblivious_cache(cfg, classifier_path)
-    return load_oblivious_cache(d)
+    return load_oblivious_cache(build_oblivious_cache(cfg, classifier_path)[0])
 
 
 def build_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path) -> tuple[Path, int]:

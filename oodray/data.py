@@ -104,11 +104,6 @@ def _split_train_val(train: Dataset, cfg: DataConfig) -> tuple[Subset, Subset]:
     return Subset(train, perm[n_val:].tolist()), Subset(train, perm[:n_val].tolist())
 
 
-def _check_images(x: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(x.float()).all():
-        raise DataError(f"dataset '{name}' has NaN or Inf pixels")
-
-
 # --- digits: the embedded default ----------------------------------------------------------------------------------
 
 

@@ -137,18 +137,9 @@ def build_table(exp_dir: str | Path) -> pd.DataFrame:
 def write_outputs(table: pd.DataFrame, out_dir: str | Path) -> None:
     out = Path(out_dir)
     atomic_write_text(out / "results.csv", table.to_csv(index=False))
-    atomic_write_text(out / "results.md", table.to_markdown(index=False, floatfmt=".4f")
-                      if _has_tabulate() else table.to_string(index=False))
+    atomic_write_text(out / "results.md", table.to_markdown(index=False, floatfmt=".4f"))
     atomic_write_text(out / "results.json", table.to_json(orient="records", indent=1))
     plot_pareto(table, out / "pareto.png")
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _robust_column(table: pd.DataFrame) -> str | None:

@@ -309,7 +309,6 @@ def prepare_run(cfg: ExperimentConfig) -> dict[str, Any]:
 
     from oodray.cache import ensure_oblivious_cache
     from oodray.classifier import classifier_key, get_classifier
-    from oodray.data import DATASETS  # noqa: F401 - registers datasets
     from oodray.models.translator import build_translator
 
     _, cpath = get_classifier(cfg)
