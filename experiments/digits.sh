@@ -16,7 +16,7 @@ $PY -m oodray.evaluate --translator identity --set classifier.adversarial=pgd --
     "${EVAL[@]}" --out "$OUT/eval/pgd-at" --label pgd-at
 # 4. Baseline: a MagNet-style denoising auto-encoder trained on natural corruptions only (no attacks).
 $PY -m oodray.train --dataset digits --name dae --storage "$OUT" --set translator.arch=dae \
-    --set loss.consistency=0 --set loss.identity=0 --set loss.pixel=1 --set attack.shift_fraction=1.0 --epochs 6
+    --set loss.consistency=0 --set loss.identity=0 --set loss.clean_consistency=0 --set loss.pixel=1 --set attack.shift_fraction=1.0 --epochs 6
 $PY -m oodray.evaluate --checkpoint "$(ls -d "$OUT"/dae/checkpoint_2*/ | tail -1)" "${EVAL[@]}" \
     --out "$OUT/eval/dae" --label dae
 $PY experiments/summarize.py "$OUT" > experiments/results/digits.md.new

@@ -106,6 +106,9 @@ class TranslatorConfig:
             raise ConfigError(f"translator.gate_percentile={self.gate_percentile!r} must be in [50, 100)")
 
 
+LOSS_TERMS = ("pixel", "consistency", "ce", "feature", "identity", "clean_consistency", "gan")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Weights of the translator objective's named terms; a zero weight removes the term."""
@@ -116,19 +119,18 @@ class LossConfig:
     ce: float = 0.0  # CE(C(T(x_ood)), y)
     feature: float = 0.0  # perceptual: C's intermediate features of T(x_ood) vs x_clean
     identity: float = 1.0  # |T(x) - x| on clean inputs
+    clean_consistency: float = 1.0  # KL(C(x) || C(T(x))) on clean inputs: keeps clean accuracy
     gan: float = 0.0  # PatchGAN adversarial term
 
     def __post_init__(self) -> None:
         _check_choice("loss.pixel_kind", self.pixel_kind, ("l1", "l2"))
-        for name in ("pixel", "consistency", "ce", "feature", "identity", "gan"):
+        for name in LOSS_TERMS:
             _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
         if self.weights() == {}:
-            raise ConfigError("every loss weight is 0; at least one of pixel/consistency/ce/feature/identity/gan "
-                              "must be > 0")
+            raise ConfigError(f"every loss weight is 0; at least one of {'/'.join(LOSS_TERMS)} must be > 0")
 
     def weights(self) -> dict[str, float]:
-        names = ("pixel", "consistency", "ce", "feature", "identity", "gan")
-        return {n: float(getattr(self, n)) for n in names if getattr(self, n) > 0}
+        return {n: float(getattr(self, n)) for n in LOSS_TERMS if getattr(self, n) > 0}
 
 
 @dataclass(frozen=True)
@@ -282,12 +284,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"n_examples": 200, "shards": 2},
         "tune": {"num_samples": 4, "final_top_k": 1},
     },
+    # Sized for a 2-core CPU machine (about an hour with experiments/fashion-mnist.sh): 60 batches of 128 per
+    # epoch, U-Nets of width 8-16, PGD only; a GPU cluster lifts max_batches and widens the space.
     "fashion-mnist": {
         "classifier": {"arch": "small_cnn", "epochs": 8},
-        "translator": {"arch": "unet", "depth": 2, "width": 32},
+        "translator": {"arch": "unet", "depth": 2, "width": 16},
         "attack": {"eps": 0.1, "steps": 10},
-        "train": {"epochs": 5, "batch_size": 128, "proxy_examples": 500},
+        "train": {"epochs": 4, "batch_size": 128, "proxy_examples": 500, "max_batches": 60},
         "eval": {"n_examples": 1000, "shards": 2},
+        "tune": {"num_samples": 6, "final_top_k": 1,
+                 "space": {"translator.arch": ["unet"], "translator.width": [8, 16], "attack.attacks": ["pgd"],
+                           "attack.eps_mix": ["eps"]}},
     },
     "mnist": {
         "classifier": {"arch": "small_cnn", "epochs": 8},

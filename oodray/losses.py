@@ -2,7 +2,9 @@
 
 Terms: `pixel` (L1/L2 of T(x_ood) to the clean image), `consistency` (KL from C(x_clean) to C(T(x_ood))),
 `ce` (cross-entropy of C(T(x_ood)) to the label), `feature` (perceptual: C's intermediate features),
-`identity` (T(x) ~ x on clean inputs) and `gan` (LSGAN term against a PatchGAN discriminator).
+`identity` (T(x) ~ x on clean inputs), `clean_consistency` (KL from C(x) to C(T(x)) on clean inputs: what
+keeps clean accuracy where the pixel-level identity term is too weak a constraint) and `gan` (LSGAN term against
+a PatchGAN discriminator).
 A term whose weight is 0 is not computed at all.
 """
 
@@ -14,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodray.config import LossConfig
+from oodray.config import LOSS_TERMS, LossConfig
 from oodray.models.classifier import Classifier
 
-TERMS = ("pixel", "consistency", "ce", "feature", "identity", "gan")
+TERMS = LOSS_TERMS
 
 
 class PatchDiscriminator(nn.Module):
@@ -73,8 +75,14 @@ class TranslatorObjective:
                 f_clean = C.features(x_clean)
             f_ood = C.features(t_ood)
             terms["feature"] = sum(F.mse_loss(a, b) for a, b in zip(f_ood, f_clean)) / len(f_ood)
-        if "identity" in w:
-            terms["identity"] = F.l1_loss(translator(x_clean), x_clean)
+        if "identity" in w or "clean_consistency" in w:
+            t_clean = translator(x_clean)
+            if "identity" in w:
+                terms["identity"] = F.l1_loss(t_clean, x_clean)
+            if "clean_consistency" in w:
+                with torch.no_grad():
+                    p_clean = F.softmax(C(x_clean), 1)
+                terms["clean_consistency"] = F.kl_div(F.log_softmax(C(t_clean), 1), p_clean, reduction="batchmean")
         if "gan" in w:
             terms["gan"] = ((self.discriminator(t_ood) - 1) ** 2).mean()
         total = sum(w[k] * v for k, v in terms.items())

@@ -27,7 +27,8 @@ from oodray.storage import exists, is_uri, mirror_down, mirror_up
 RESULT_FILES = ["results.csv", "results.md", "results.json", "pareto.png"]
 KNOBS = ["translator.depth", "translator.width", "translator.blocks", "translator.downsamplings", "translator.norm",
          "translator.residual", "train.regime", "train.lr"]
-WEIGHTS = ["loss.pixel", "loss.consistency", "loss.ce", "loss.feature", "loss.identity", "loss.gan"]
+WEIGHTS = ["loss.pixel", "loss.consistency", "loss.ce", "loss.feature", "loss.identity", "loss.clean_consistency",
+           "loss.gan"]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -131,13 +132,16 @@ def build_table(exp_dir: str | Path) -> pd.DataFrame:
         rows.append({"rank": None, "trial": "undefended", "arch": "identity", **_eval_columns(summary)})
     if not rows:
         raise OodrayError(f"experiment '{exp_dir}' has no finished trial results yet")
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    ints = [c for c in ("rank", "depth", "width", "blocks", "downsamplings", "epochs") if c in table]
+    return table.astype({c: "Int64" for c in ints})  # whole numbers stay whole beside the undefended row's gaps
 
 
 def write_outputs(table: pd.DataFrame, out_dir: str | Path) -> None:
     out = Path(out_dir)
     atomic_write_text(out / "results.csv", table.to_csv(index=False))
-    atomic_write_text(out / "results.md", table.to_markdown(index=False, floatfmt=".4f"))
+    cells = table.astype(object).where(table.notna(), None)  # gaps (undefended row, other arch's knobs) stay blank
+    atomic_write_text(out / "results.md", cells.to_markdown(index=False, floatfmt=".4f", missingval=""))
     atomic_write_text(out / "results.json", table.to_json(orient="records", indent=1))
     plot_pareto(table, out / "pareto.png")
 

@@ -49,6 +49,7 @@ SPACE: dict[str, tuple[str, Any]] = {
     "loss.ce": ("float", (0.0, 2.0)),
     "loss.feature": ("float", (0.0, 1.0)),
     "loss.identity": ("float", (0.0, 2.0)),
+    "loss.clean_consistency": ("float", (0.0, 3.0)),
     "loss.gan": ("cat", [0.0, 0.05]),
     "train.lr": ("float", (1e-4, 3e-3, "log")),
     "train.regime": ("cat", ["oblivious", "adaptive"]),

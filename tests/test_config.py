@@ -1,8 +1,9 @@
 import json
+from pathlib import Path
 
 import pytest
 
-from oodray.config import ExperimentConfig, parse_override, resolve_config, save_config
+from oodray.config import LOSS_TERMS, ExperimentConfig, parse_override, resolve_config, save_config
 from oodray.errors import ConfigError
 
 
@@ -54,7 +55,7 @@ def test_unknown_dataset_lists_known():
 
 
 def test_all_zero_loss_is_refused():
-    zeros = [f"loss.{k}=0" for k in ("pixel", "consistency", "ce", "feature", "identity", "gan")]
+    zeros = [f"loss.{k}=0" for k in LOSS_TERMS]
     with pytest.raises(ConfigError, match="every loss weight is 0"):
         resolve_config("digits", overrides=zeros)
 
@@ -77,3 +78,9 @@ def test_parse_override():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_fashion_mnist_yaml_resolves_to_the_preset():
+    """experiments/fashion-mnist.yaml restates the threat model; `--dataset fashion-mnist` must run the same thing."""
+    yaml_path = Path(__file__).resolve().parents[1] / "experiments" / "fashion-mnist.yaml"
+    assert resolve_config(yaml_path=yaml_path) == resolve_config("fashion-mnist")
