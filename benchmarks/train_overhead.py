@@ -28,7 +28,9 @@ from oodray.train import PairedImages, fit_translator, init_ray, prepare_run, tr
 
 
 def plain(cfg, epochs: int) -> float:
-    """Images per second of the plain PyTorch loop (epochs after the first)."""
+    """Images per second of the plain PyTorch loop (epochs after the first), on as many threads as one Train worker
+    gets (Ray sets OMP_NUM_THREADS to the worker's CPUs), so both sides compute with the same cores."""
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     splits = load_dataset(cfg.data)
     classifier, cpath = get_classifier(cfg, splits)
     torch.manual_seed(cfg.train.seed)
@@ -70,7 +72,7 @@ def main() -> None:
     one, overhead1 = under_ray(base.replace(**{"train.workers": 1, "train.cpus_per_worker": 1.0}), storage, "w1")
     two, overhead2 = under_ray(base.replace(**{"train.workers": 2, "train.cpus_per_worker": 1.0}), storage, "w2")
     print(f"digits, {base.translator.arch} translator, batch {base.train.batch_size}/worker, {args.epochs} epochs, "
-          f"torch threads {torch.get_num_threads()}")
+          f"{base.train.cpus_per_worker:g} CPU (torch threads) per worker and for plain PyTorch")
     print(f"plain PyTorch            {plain_rate:8.0f} img/s")
     print(f"TorchTrainer, 1 worker   {one:8.0f} img/s   ratio to plain {one / plain_rate:.2f}   "
           f"fit overhead {overhead1:.1f} s")

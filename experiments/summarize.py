@@ -20,6 +20,9 @@ def main() -> None:
                "clean C": s.get("clean_accuracy_classifier"), "clean C(T)": s.get("clean_accuracy_defended")}
         for k, v in sorted(s.get("robust", {}).items()):
             row[k.split("/")[0] + f" ({'/'.join(k.split('/')[1:])})"] = v
+        if s.get("translator") == "identity":  # no translator: the oblivious attacker is the adaptive one
+            for k in [k for k in row if k.startswith("adaptive (")]:
+                row.setdefault("oblivious" + k[len("adaptive"):], row[k])
         for name, v in sorted((s.get("shifts") or {}).items()):
             row[f"{name}"] = v["defended"]
         rows.append(row)
@@ -31,7 +34,9 @@ def main() -> None:
           "translator, the undefended classifier and the baselines; robust accuracy on the fixed test subset of "
           f"{cfg['eval']['n_examples']} images).\n")
     print(table.to_markdown(index=False, floatfmt=".3f"))
-    print("\nShift columns: accuracy of C(T(.)) averaged over severities 1-5. Resolved search config:\n")
+    print("\nRows with the identity translator (no translator in front of C) have one attacker for oblivious and "
+          "adaptive: the same AutoAttack run on C fills both columns. Shift columns: accuracy of C(T(.)) averaged "
+          "over severities 1-5. Resolved search config:\n")
     print("```json\n" + json.dumps(cfg, indent=1, sort_keys=True) + "\n```")
 
 
