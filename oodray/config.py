@@ -284,8 +284,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"n_examples": 200, "shards": 2},
         "tune": {"num_samples": 4, "final_top_k": 1},
     },
-    # Sized for a 2-core CPU machine (about an hour with experiments/fashion-mnist.sh): 60 batches of 128 per
-    # epoch, U-Nets of width 8-16, PGD only; a GPU cluster lifts max_batches and widens the space.
+    # Sized for a 2-core CPU machine (search + final AutoAttack: 84 min there): 60 batches of 128 per epoch,
+    # U-Nets of width 8-16, PGD only; a GPU cluster lifts max_batches and widens the space.
     "fashion-mnist": {
         "classifier": {"arch": "small_cnn", "epochs": 8},
         "translator": {"arch": "unet", "depth": 2, "width": 16},
