@@ -60,13 +60,15 @@ class TranslatorObjective:
         w, C = self.weights, self.classifier
         t_ood = translator(x_ood)
         terms: dict[str, torch.Tensor] = {}
+        p_clean = None
+        if "consistency" in w or "clean_consistency" in w:  # C's clean prediction, the target of both KL terms
+            with torch.no_grad():
+                p_clean = F.softmax(C(x_clean), 1)
         if "pixel" in w:
             terms["pixel"] = (F.l1_loss if self.pixel_kind == "l1" else F.mse_loss)(t_ood, x_clean)
         if "consistency" in w or "ce" in w:
             logits = C(t_ood)
             if "consistency" in w:
-                with torch.no_grad():
-                    p_clean = F.softmax(C(x_clean), 1)
                 terms["consistency"] = F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="batchmean")
             if "ce" in w:
                 terms["ce"] = F.cross_entropy(logits, y)
@@ -80,8 +82,6 @@ class TranslatorObjective:
             if "identity" in w:
                 terms["identity"] = F.l1_loss(t_clean, x_clean)
             if "clean_consistency" in w:
-                with torch.no_grad():
-                    p_clean = F.softmax(C(x_clean), 1)
                 terms["clean_consistency"] = F.kl_div(F.log_softmax(C(t_clean), 1), p_clean, reduction="batchmean")
         if "gan" in w:
             terms["gan"] = ((self.discriminator(t_ood) - 1) ** 2).mean()
