@@ -10,9 +10,27 @@ from pathlib import Path
 import pandas as pd
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "space":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _differences(row_cfg: dict, search_cfg: dict) -> dict:
+    """The settings of one row's resolved config that differ from the search config (bookkeeping keys left out)."""
+    skip = ("name", "storage", "cache_dir")
+    a, b = _flat(row_cfg), _flat(search_cfg)
+    return {k: v for k, v in sorted(a.items())
+            if not k.startswith(skip) and not k.startswith("tune.") and b.get(k, object()) != v}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
-    rows = []
+    rows, configs = [], []
     summaries = sorted(out.glob("search/eval/*/summary.json")) + sorted(out.glob("eval/*/summary.json"))
     for path in summaries:
         s = json.loads(path.read_text())
@@ -26,6 +44,10 @@ def main() -> None:
         for name, v in sorted((s.get("shifts") or {}).items()):
             row[f"{name}"] = v["defended"]
         rows.append(row)
+        ckpt = s.get("checkpoint")
+        if ckpt and Path(ckpt).is_absolute() and Path(ckpt).is_relative_to(Path.cwd()):
+            ckpt = str(Path(ckpt).relative_to(Path.cwd()))
+        configs.append((row["defence"], ckpt, s.get("config") or {}))
     table = pd.DataFrame(rows)
     cfg = json.loads((out / "search" / "oodray_config.json").read_text())
     print(f"# {cfg['data']['name']}: defences under AutoAttack ({cfg['eval']['version']}), "
@@ -38,6 +60,11 @@ def main() -> None:
           "adaptive: the same AutoAttack run on C fills both columns. Shift columns: accuracy of C(T(.)) averaged "
           "over severities 1-5. Resolved search config:\n")
     print("```json\n" + json.dumps(cfg, indent=1, sort_keys=True) + "\n```")
+    print("\nEach row's own resolved config (saved in its `summary.json`), as the settings that differ from the search "
+          "config above:\n")
+    for label, checkpoint, row_cfg in configs:
+        diff = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in _differences(row_cfg, cfg).items())
+        print(f"- **{label}**" + (f" (checkpoint `{checkpoint}`)" if checkpoint else "") + f": {diff or 'none'}")
 
 
 if __name__ == "__main__":
