@@ -14,7 +14,11 @@ $PY -m oodray.evaluate --translator bitdepth --set translator.depth=3 "${EVAL[@]
 $PY -m oodray.classifier --dataset digits --adversarial pgd --eps 0.2
 $PY -m oodray.evaluate --translator identity --set classifier.adversarial=pgd --set classifier.adv_eps=0.2 \
     "${EVAL[@]}" --out "$OUT/eval/pgd-at" --label pgd-at
-# 4. Baseline: a MagNet-style denoising auto-encoder trained on natural corruptions only (no attacks).
+# 4. Baseline: TRADES (Zhang et al., beta 6): clean CE + beta * KL(f(x) || f(x_adv)), same eps and steps.
+$PY -m oodray.classifier --dataset digits --adversarial trades --eps 0.2
+$PY -m oodray.evaluate --translator identity --set classifier.adversarial=trades --set classifier.adv_eps=0.2 \
+    "${EVAL[@]}" --out "$OUT/eval/trades" --label trades
+# 5. Baseline: a MagNet-style denoising auto-encoder trained on natural corruptions only (no attacks).
 $PY -m oodray.train --dataset digits --name dae --storage "$OUT" --set translator.arch=dae \
     --set loss.consistency=0 --set loss.identity=0 --set loss.clean_consistency=0 --set loss.pixel=1 --set attack.shift_fraction=1.0 --epochs 6
 $PY -m oodray.evaluate --checkpoint "$(ls -d "$OUT"/dae/checkpoint_2*/ | tail -1)" "${EVAL[@]}" \
