@@ -30,7 +30,7 @@ def _differences(row_cfg: dict, search_cfg: dict) -> dict:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    rows, configs = [], []
+    rows, configs, tells = [], [], []
     summaries = sorted(out.glob("search/eval/*/summary.json")) + sorted(out.glob("eval/*/summary.json"))
     for path in summaries:
         s = json.loads(path.read_text())
@@ -48,6 +48,7 @@ def main() -> None:
         if ckpt and Path(ckpt).is_absolute() and Path(ckpt).is_relative_to(Path.cwd()):
             ckpt = str(Path(ckpt).relative_to(Path.cwd()))
         configs.append((row["defence"], ckpt, s.get("config") or {}))
+        tells.extend((row["defence"], t) for t in s.get("sanity") or [])
     table = pd.DataFrame(rows)
     cfg = json.loads((out / "search" / "oodray_config.json").read_text())
     print(f"# {cfg['data']['name']}: defences under AutoAttack ({cfg['eval']['version']}), "
@@ -58,7 +59,13 @@ def main() -> None:
     print(table.to_markdown(index=False, floatfmt=".3f"))
     print("\nRows with the identity translator (no translator in front of C) have one attacker for oblivious and "
           "adaptive: the same AutoAttack run on C fills both columns. Shift columns: accuracy of C(T(.)) averaged "
-          "over severities 1-5. Resolved search config:\n")
+          "over severities 1-5.\n")
+    print("Sanity tells of the evaluation (gradient masking, AutoAttack's own warnings):" +
+          (" none fired." if not tells else "\n"))
+    for label, t in tells:
+        where = " ".join(str(t.get(k)) for k in ("threat_model", "norm", "eps") if t.get(k) is not None)
+        print(f"- **{label}**, {where}: {t.get('kind')}: {t.get('detail')}")
+    print("\nResolved search config:\n")
     print("```json\n" + json.dumps(cfg, indent=1, sort_keys=True) + "\n```")
     print("\nEach row's own resolved config (saved in its `summary.json`), as the settings that differ from the search "
           "config above:\n")
