@@ -348,6 +348,21 @@ def storage_uri(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
+def pin_ray_address() -> None:
+    """Worker setup hook: points RAY_ADDRESS at the worker's own cluster.
+
+    Ray's state API, when called with no address, looks for running GCS processes and fails when it finds two. That
+    happens when two local Rays share a machine, e.g. an evaluation beside a search. Ray Train's
+    `PlacementGroupCleaner` calls it. When it fails, a trial that Tune stops keeps its worker group's placement group
+    forever, and the next trial waits for CPUs that never free up.
+    """
+    import os
+
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connects to RAY_ADDRESS when set, else starts a local Ray bound to 127.0.0.1 (token auth stays on)."""
     import os
@@ -361,8 +376,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
-                 configure_logging=False)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": "oodray.train.pin_ray_address"})
 
 
 def main(argv: list[str] | None = None) -> int:

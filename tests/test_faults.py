@@ -322,3 +322,39 @@ def test_killed_cache_build_regenerates_only_unrecorded_shards(tmp_path, monkeyp
               f"{time.time() - t0 - t_kill:.0f}s")
     finally:
         ray.shutdown()
+
+
+# --- two local Rays on one machine -------------------------------------------------------------------------------
+
+STATE_PROBE = """
+import ray
+from oodray.train import init_ray
+init_ray(num_cpus=1)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def alive(self, actor_id):
+        from ray.train.v2._internal.state.util import is_actor_alive  # what Train's PlacementGroupCleaner calls
+        return is_actor_alive(actor_id, timeout=10)
+
+p = Probe.remote()
+print("alive", ray.get(p.alive.remote(p._actor_id.hex())), flush=True)
+"""
+
+
+def test_state_api_in_workers_finds_its_own_cluster_beside_another_ray(tmp_path):
+    """With a second local Ray on the machine (an evaluation beside a search), a worker's address-less state-API call
+    must reach its own cluster. Without oodray's worker setup hook it raises 'Found multiple active Ray instances';
+    Train's PlacementGroupCleaner then dies, a trial stopped by Tune keeps its placement group, and the next trial
+    waits for CPUs forever."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
+                              "print('up', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        proc = subprocess.run([sys.executable, "-c", STATE_PROBE], capture_output=True, text=True, timeout=180,
+                              cwd=REPO, env=env)
+    finally:
+        other.kill()
+        other.wait()
+    assert proc.returncode == 0 and "alive True" in proc.stdout, proc.stderr[-3000:]
