@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "space":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+from oodray.config import flatten
 
 
 def _differences(row_cfg: dict, search_cfg: dict) -> dict:
     """The settings of one row's resolved config that differ from the search config (bookkeeping keys left out)."""
     skip = ("name", "storage", "cache_dir")
-    a, b = _flat(row_cfg), _flat(search_cfg)
+    a, b = flatten(row_cfg), flatten(search_cfg)
     return {k: v for k, v in sorted(a.items())
             if not k.startswith(skip) and not k.startswith("tune.") and b.get(k, object()) != v}
 

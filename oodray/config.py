@@ -409,6 +409,17 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
+def flatten(d: dict[str, Any], prefix: str = "", *, drop_none: bool = False) -> dict[str, Any]:
+    """Nested config dict -> {"section.key": value}; with drop_none, unset (None) values are left out."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}.", drop_none=drop_none))
+        elif v is not None or not drop_none:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _get_dotted(d: dict[str, Any], key: str) -> Any:
     for p in key.split("."):
         if not isinstance(d, dict) or p not in d:

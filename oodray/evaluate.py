@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
-from oodray.config import NORMS, ExperimentConfig, _check_eps, load_yaml, parse_override
+from oodray.config import NORMS, ExperimentConfig, _check_eps, flatten, load_yaml, parse_override
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, safe_child
 
@@ -612,16 +612,6 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
         raise ConfigError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.1,0.2") from None
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif v is not None:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_for_checkpoint(args: argparse.Namespace, state: dict[str, Any], eval_layer: dict[str, Any],
                           ) -> ExperimentConfig:
     """The checkpoint's resolved config with the YAML's eval section, CLI eval flags and --set overrides on top;
@@ -634,8 +624,9 @@ def config_for_checkpoint(args: argparse.Namespace, state: dict[str, Any], eval_
                           f"'{base.data.name}'")
     dotted: dict[str, Any] = {}
     if args.config:
-        dotted.update(_flatten({"eval": load_yaml(args.config).get("eval") or {}}))
-    dotted.update(_flatten({"eval": eval_layer, "data": {"data_dir": args.data_dir}, "cache_dir": args.cache_dir}))
+        dotted.update(flatten({"eval": load_yaml(args.config).get("eval") or {}}, drop_none=True))
+    dotted.update(flatten({"eval": eval_layer, "data": {"data_dir": args.data_dir}, "cache_dir": args.cache_dir},
+                          drop_none=True))
     dotted.update(dict(parse_override(o) for o in args.overrides))
     cfg = base.replace(**dotted)
     if classifier_key(cfg) != classifier_key(base) or cfg.data.name != base.data.name:

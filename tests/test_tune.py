@@ -117,7 +117,7 @@ def test_uri_storage_writes_there_and_results_read_it_back(tmp_path):
     """A storage URI (file:// here; s3:// and gs:// take the same pyarrow path): Tune and Train write to it,
     oodray's files are staged locally and mirrored, and `oodray.results URI` reads the experiment back."""
     uri = f"file://{tmp_path / 'bucket'}"
-    # One trial is enough to show the storage path (TINY's two cost a minute more).
+    # One trial is enough to show the storage path (TINY's two cost about 45 s more).
     proc = run_cli("oodray.tune", *TINY, "--num-samples", "1", "--storage", uri, "--local-dir", str(tmp_path / "stage"),
                    "--name", "u")
     assert proc.returncode == 0, proc.stderr[-3000:]
