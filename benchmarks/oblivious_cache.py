@@ -19,7 +19,8 @@ from pathlib import Path
 
 from oodray.classifier import get_classifier
 from oodray.config import resolve_config
-from oodray.train import fit_translator, init_ray, prepare_run
+from oodray.runtime import init_ray
+from oodray.train import fit_translator, prepare_run
 
 
 def timed_trial(cfg, storage: str, name: str) -> tuple[float, float]:

@@ -24,7 +24,8 @@ from oodray.config import resolve_config
 from oodray.data import load_dataset
 from oodray.losses import TranslatorObjective
 from oodray.models.translator import build_translator
-from oodray.train import PairedImages, fit_translator, init_ray, prepare_run, train_step
+from oodray.runtime import init_ray
+from oodray.train import PairedImages, fit_translator, prepare_run, train_step
 
 
 def plain(cfg, epochs: int) -> float:

@@ -21,7 +21,10 @@ from oodray.attacks import pgd
 from oodray.classifier import get_classifier
 from oodray.config import resolve_config
 from oodray.data import load_dataset, stack
-from oodray.train import fit_translator, init_ray, load_defended, load_translator_checkpoint, prepare_run
+from oodray.models.defended import load_defended
+from oodray.models.translator import load_translator_checkpoint
+from oodray.runtime import init_ray
+from oodray.train import fit_translator, prepare_run
 
 VARIANTS = {
     "ungated": [],

@@ -4,7 +4,7 @@ Every trial that uses the same classifier (by checksum), dataset split and attac
 directory `<cache>/oblivious/<dataset>-<key>/`. Shards are generated as Ray tasks (submitted together, drained
 with `ray.wait`); each shard is written atomically (temp file + rename) and recorded with its sha256 in
 `manifest.json` only once complete, so an interrupted run leaves at most partial shards, which the next run
-detects (missing entry or checksum mismatch) and regenerates, alone.
+detects (missing entry or checksum mismatch) and regenerates, alone. Imports attacks and data, never train.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
+from oodray.attacks import attack_specs, mixed_attack
 from oodray.config import ExperimentConfig
+from oodray.data import load_dataset, stack
 from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, save_checkpoint
+from oodray.models.classifier import classifier_from_state
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 512
@@ -55,11 +58,6 @@ def _generate_shard(cfg_dict: dict[str, Any], classifier_state: Any, start: int,
     """Ray task: attack training examples [start, stop) against C alone and write them atomically."""
     import ray
 
-    from oodray.attacks import mixed_attack
-    from oodray.data import load_dataset, stack
-    from oodray.models.classifier import classifier_from_state
-    from oodray.train import attack_specs
-
     cfg = ExperimentConfig.from_dict(cfg_dict)
     state = ray.get(classifier_state) if isinstance(classifier_state, ray.ObjectRef) else classifier_state
     classifier = classifier_from_state(state)
@@ -77,8 +75,6 @@ def ensure_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path) -> torc
 def build_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path) -> tuple[Path, int]:
     """Generates the shards that are missing or partial (as Ray tasks); returns (directory, shards generated)."""
     import ray
-
-    from oodray.data import load_dataset
 
     d = ensure_writable_dir(cache_dir(cfg, classifier_path), "oblivious cache directory")
     n = len(load_dataset(cfg.data).train)

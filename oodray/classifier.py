@@ -1,4 +1,4 @@
-"""Trains, evaluates and caches the fixed classifier C that translators defend.
+"""Trains, evaluates and caches the fixed classifier C that translators defend (the library half: fixed_classifier).
 
     python -m oodray.classifier --dataset digits
     python -m oodray.classifier --dataset fashion-mnist
@@ -6,150 +6,23 @@
     python -m oodray.classifier --dataset imagenet --data-dir /data/imagenet --set classifier.weights=r50.pth
 
 The classifier is saved under `<cache>/classifiers/<dataset>-<arch>-seed<seed>[-<adv>-<norm>-eps<eps>]/`
-(`classifier.pt` + `config.json`) and re-used by every later run with the same key. Training is plain
-single-process PyTorch: C is trained once and frozen; distribution is for translators and evaluation.
+(`classifier.pt` + `config.json`) and re-used by every later run with the same key.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import time
-from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
-from oodray.config import ExperimentConfig, save_config
-from oodray.data import Splits, load_dataset
-from oodray.errors import ConfigError
-from oodray.io import ensure_writable_dir
-from oodray.models.classifier import Classifier, build_classifier, freeze, load_classifier, save_classifier
+from oodray.config import check_eps, classifier_key
+from oodray.data import load_dataset
+from oodray.fixed_classifier import classifier_path, get_classifier, train_classifier
+from oodray.metrics import accuracy
 
-log = logging.getLogger(__name__)
-
-
-def classifier_key(cfg: ExperimentConfig) -> str:
-    c = cfg.classifier
-    key = f"{cfg.data.name}-{c.arch}-seed{c.seed}"
-    if c.adversarial != "none":
-        key += f"-{c.adversarial}-{cfg.attack.norm}-eps{c.adv_eps or cfg.attack.eps:.4g}"
-    return key
-
-
-def classifier_path(cfg: ExperimentConfig) -> Path:
-    return cfg.resolved_cache_dir() / "classifiers" / classifier_key(cfg) / "classifier.pt"
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-    return correct / max(1, len(x))
-
-
-def split_accuracy(model: torch.nn.Module, ds: torch.utils.data.Dataset, batch_size: int = 500) -> float:
-    correct, n = 0, 0
-    with torch.no_grad():
-        for x, y in DataLoader(ds, batch_size=batch_size):
-            correct += (model(x).argmax(1) == y).sum().item()
-            n += len(y)
-    return correct / max(1, n)
-
-
-def train_classifier(cfg: ExperimentConfig, splits: Splits) -> Classifier:
-    """Adam on cross-entropy; with `classifier.adversarial` = pgd (Madry) or trades, on PGD examples."""
-    c = cfg.classifier
-    torch.manual_seed(c.seed)
-    model = build_classifier(c.arch, splits.info, c.weights)
-    if c.epochs == 0:
-        return freeze(model)
-    opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
-    g = torch.Generator().manual_seed(c.seed)
-    loader = DataLoader(splits.train, batch_size=c.batch_size, shuffle=True, generator=g, drop_last=False)
-    eps = c.adv_eps or cfg.attack.eps
-    for epoch in range(c.epochs):
-        model.train()
-        t0, total, n = time.time(), 0.0, 0
-        for x, y in loader:
-            if c.adversarial == "none":
-                loss = F.cross_entropy(model(x), y)
-            else:
-                loss = _adversarial_loss(model, x, y, c.adversarial, eps, cfg.attack.norm, c.adv_steps,
-                                         c.trades_beta, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(y), n + len(y)
-        sched.step()
-        model.eval()
-        log.info("classifier epoch %d/%d loss %.4f val acc %.4f (%.1fs)", epoch + 1, c.epochs, total / n,
-                 split_accuracy(model, splits.val), time.time() - t0)
-    return freeze(model)
-
-
-def _adversarial_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float, norm: str,
-                      steps: int, beta: float, g: torch.Generator) -> torch.Tensor:
-    from oodray.attacks import pgd
-
-    model.eval()  # craft with fixed dropout/BN, as in Madry et al.'s reference code
-    if kind == "pgd":
-        x_adv = pgd(model, x, y, eps=eps, norm=norm, steps=steps, generator=g)
-        model.train()
-        return F.cross_entropy(model(x_adv), y)
-    # TRADES: CE on clean + beta * KL(f(x) || f(x_adv)), x_adv maximising the KL term.
-    with torch.no_grad():
-        p_clean = F.softmax(model(x), 1)
-    x_adv = (x + 0.001 * torch.randn(x.shape, generator=g)).clamp(0, 1)
-    step = 2.5 * eps / steps
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        kl = F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
-        (grad,) = torch.autograd.grad(kl, x_adv)
-        if norm == "Linf":
-            x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
-        else:
-            gn = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            d = x_adv.detach() + step * grad / gn - x
-            dn = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            x_adv = (x + d * torch.clamp(eps / dn.clamp_min(1e-12), max=1.0)).clamp(0, 1)
-    model.train()
-    logits = model(x)
-    return F.cross_entropy(logits, y) + beta * F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1),
-                                                        reduction="batchmean")
-
-
-def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train: bool = True,
-                   force: bool = False) -> tuple[Classifier, Path]:
-    """The cached fixed classifier for this config, trained (and cached) first if missing."""
-    path = classifier_path(cfg)
-    if path.exists() and not force:
-        model, _ = load_classifier(path, expect_dataset=cfg.data.name, expect_arch=cfg.classifier.arch)
-        return model, path
-    if not train:
-        raise ConfigError(f"no fixed classifier at '{path}'; train it with: python -m oodray.classifier "
-                          f"--dataset {cfg.data.name}")
-    if cfg.classifier.arch == "resnet50" and not cfg.classifier.weights:
-        raise ConfigError("imagenet's resnet50 needs its weights file: --set classifier.weights=PATH "
-                          "(a torchvision ResNet-50 state_dict, e.g. resnet50-11ad3fa6.pth)")
-    ensure_writable_dir(path.parent, "classifier cache directory")
-    splits = splits or load_dataset(cfg.data)
-    t0 = time.time()
-    model = train_classifier(cfg, splits)
-    train_s = time.time() - t0
-    test_acc = split_accuracy(model, splits.test)
-    metrics = {"test_accuracy": test_acc, "val_accuracy": split_accuracy(model, splits.val),
-               "train_seconds": round(train_s, 1), "test_examples": len(splits.test)}
-    save_classifier(model, path, cfg.to_dict(), metrics)
-    save_config(cfg, path.parent)
-    (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info("saved fixed classifier to %s (test acc %.4f)", path, test_acc)
-    return model, path
+split_accuracy = accuracy  # the name earlier versions exported
+__all__ = ["accuracy", "classifier_key", "classifier_path", "get_classifier", "main", "split_accuracy",
+           "train_classifier"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,13 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, {"classifier": {"arch": args.arch, "epochs": args.epochs, "seed": args.seed,
                                                  "adversarial": args.adversarial, "adv_eps": args.eps}})
     if cfg.classifier.adv_eps is not None:
-        from oodray.config import _check_eps
-
-        _check_eps("--eps", cfg.classifier.adv_eps, cfg.attack.norm)
+        check_eps("--eps", cfg.classifier.adv_eps, cfg.attack.norm)
     splits = load_dataset(cfg.data)
     t0 = time.time()
     model, path = get_classifier(cfg, splits, force=args.force)
-    acc = split_accuracy(model, splits.test)
+    acc = accuracy(model, splits.test)
     print(f"{cfg.data.name} {cfg.classifier.arch} ({classifier_key(cfg)}): clean test accuracy {acc:.4f} "
           f"on {len(splits.test)} images [{time.time() - t0:.1f}s]")
     print(f"classifier: {path}")

@@ -1,4 +1,9 @@
-"""Shared CLI plumbing: common flags, config resolution, and the one-line error / exit-code-2 contract."""
+"""Shared CLI plumbing: common flags, config resolution, and the one exit policy of every `python -m oodray.*` command.
+
+Exit policy (`run`): oodray's own errors (`OodrayError`: bad names, paths, values, files) print one line and exit 2;
+a run that failed on valid input (`RunFailed`) prints one line with its reason and exits 1; Ctrl-C exits 130 with
+finished work kept; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from oodray.config import ExperimentConfig, resolve_config
-from oodray.errors import OodrayError
+from oodray.errors import OodrayError, RunFailed
 
 
 def add_config_args(p: argparse.ArgumentParser, dataset_default: str | None = None) -> None:
@@ -43,12 +48,15 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Runs a CLI main: user errors print one line and exit 2, no traceback."""
+    """Runs a CLI main under the exit policy above."""
     try:
         code = main(argv)
-    except (OodrayError, ValueError) as e:
+    except OodrayError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept (resume with the same command)", file=sys.stderr)
         sys.exit(130)

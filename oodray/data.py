@@ -19,14 +19,17 @@ import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from oodray.config import DataConfig
 from oodray.errors import DataError
 from oodray.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: the config package resolves dataset names through this module
+    from oodray.config.schema import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,10 @@
-"""User-facing errors: bad input that a CLI reports in one line with exit code 2 (never a traceback)."""
+"""The error types every oodray CLI maps to an exit code (`oodray.cli.run`), and nothing else does.
+
+- `OodrayError` and its subclasses: bad input from the user (names, paths, values, files); one line, exit 2.
+- `RunFailed`: the input was fine but the run failed (a trial or an evaluation task); one line with the reason,
+  exit 1, finished work kept.
+Any other exception is a bug in oodray and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -17,3 +23,11 @@ class DataError(OodrayError):
 
 class CheckpointError(OodrayError):
     """A checkpoint that is missing, corrupt, or made for another dataset/architecture."""
+
+
+class StateFileError(CheckpointError, ValueError):
+    """A resumable state file (AutoAttack's) that is unreadable or belongs to another evaluation."""
+
+
+class RunFailed(Exception):
+    """A run that started on valid input and failed (workers, trials, evaluation tasks); CLIs exit 1."""

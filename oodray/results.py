@@ -22,6 +22,8 @@ from oodray.cli import run
 from oodray.config import ExperimentConfig
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import atomic_write_text
+from oodray.models.translator import latest_checkpoint
+from oodray.search_space import trial_name, trial_overrides
 from oodray.storage import exists, is_uri, mirror_down, mirror_up
 
 RESULT_FILES = ["results.csv", "results.md", "results.json", "pareto.png"]
@@ -50,15 +52,8 @@ def _read_json(path: Path) -> Any:
         raise OodrayError(f"'{path}' is unreadable or not valid JSON ({e}); it was cut short or damaged") from None
 
 
-def latest_checkpoint(run_dir: Path) -> str | None:
-    ckpts = sorted(run_dir.glob("checkpoint_*/translator.pt"))
-    return str(ckpts[-1]) if ckpts else None
-
-
 def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:
     """One record per Tune trial: params, resolved config, per-epoch history, last metrics, latest checkpoint."""
-    from oodray.tune import trial_overrides
-
     exp_dir = Path(exp_dir)
     cfg_path = exp_dir / "oodray_config.json"
     if not cfg_path.exists():
@@ -78,7 +73,7 @@ def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:
         cfg = base.replace(**trial_overrides(params, base))
         trials.append({
             "trial_id": trial_id, "params": params, "config": cfg.to_dict(), "history": history,
-            "metrics": history[-1], "checkpoint": latest_checkpoint(exp_dir / "train" / f"trial-{trial_id}"),
+            "metrics": history[-1], "checkpoint": latest_checkpoint(exp_dir / "train" / trial_name(trial_id)),
         })
     return trials
 
@@ -114,7 +109,7 @@ def build_table(exp_dir: str | Path) -> pd.DataFrame:
     for rank, t in enumerate(rank_trials(load_trials(exp_dir), objective), 1):
         cfg, m = ExperimentConfig.from_dict(t["config"]), t["metrics"]
         d = cfg.to_dict()
-        row: dict[str, Any] = {"rank": rank, "trial": f"trial-{t['trial_id']}", "arch": cfg.translator.arch}
+        row: dict[str, Any] = {"rank": rank, "trial": trial_name(t['trial_id']), "arch": cfg.translator.arch}
         for k in KNOBS + WEIGHTS:
             sec, key = k.split(".")
             row[k.split(".")[1] if sec != "loss" else f"w_{key}"] = d[sec][key]
@@ -122,7 +117,7 @@ def build_table(exp_dir: str | Path) -> pd.DataFrame:
         row.update({"clean acc (proxy)": m.get("clean_accuracy"), "robust acc (proxy, adaptive PGD)":
                     m.get("robust_accuracy"), "objective": m.get("objective"), "epochs": m.get("epoch"),
                     "time s": round(m.get("time_total_s") or 0.0, 1)})
-        summary = exp_dir / "eval" / f"trial-{t['trial_id']}" / "summary.json"
+        summary = exp_dir / "eval" / trial_name(t['trial_id']) / "summary.json"
         if summary.exists():
             row.update(_eval_columns(_read_json(summary)))
         rows.append(row)

@@ -91,3 +91,8 @@ def mirror_up(local: Path, uri: str, names: list[str]) -> None:
             fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
             with open(src, "rb") as f, fs.open_output_stream(dst) as out:
                 out.write(f.read())
+
+
+def storage_uri(storage: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://, gs://) pass through."""
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())

@@ -9,13 +9,15 @@ Three layers, each taking one plain dict: `train_loop_per_worker` (runs on every
 clean accuracy of C(T(x)) and a proxy robust accuracy (PGD end to end through T and C on a fixed validation
 subset), with a checkpoint holding T, the optimizer(s), the epoch and the resolved config. A re-run with the same
 name resumes from its latest checkpoint; worker failures are retried from it (`FailureConfig`).
+
+Here: the worker loop and one training step, the driver-side preparation (`prepare_run`: fixed classifier and oblivious
+cache), the `TorchTrainer` (`fit_translator`) and the CLI. The checkpoint format lives in `models.translator`, the
+proxy metrics in `metrics`, Ray start-up in `runtime`; their old names stay importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import tempfile
 import time
@@ -26,21 +28,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from oodray.attacks import attack_specs, mixed_attack
+from oodray.cache import ensure_oblivious_cache
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
-from oodray.config import ExperimentConfig, save_config
-from oodray.errors import CheckpointError, ConfigError
-from oodray.io import check_finite, ensure_writable_dir, load_checkpoint, safe_child, save_checkpoint
+from oodray.config import ExperimentConfig, classifier_key, config_hash, save_config
+from oodray.data import eval_subset, load_dataset, stack
+from oodray.errors import CheckpointError, ConfigError, RunFailed
+from oodray.fixed_classifier import get_classifier
+from oodray.io import ensure_writable_dir, load_checkpoint, safe_child, save_checkpoint
+from oodray.losses import PatchDiscriminator, TranslatorObjective, discriminator_loss
+from oodray.metrics import proxy_metrics
+from oodray.models.classifier import classifier_from_state
+from oodray.models.defended import DefendedModel, MahalanobisGate, gate_from_state, gate_state, load_defended
+from oodray.models.translator import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    build_translator,
+    checkpoints,
+    load_translator_checkpoint,
+)
+from oodray.runtime import init_ray, pin_ray_address
+from oodray.shifts import random_shifts
+from oodray.storage import is_uri, storage_uri
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "oodray.translator/1"
-CHECKPOINT_FILE = "translator.pt"
-
-
-def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "classifier", "translator", "loss",
-                                                                        "attack", "train")) -> str:
-    d = cfg.to_dict()
-    blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+# Names that moved to the modules they belong to, kept importable from here.
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "PairedImages", "attack_specs", "check_resumable", "config_hash",
+           "fit_translator", "init_ray", "load_defended", "load_translator_checkpoint", "main", "pin_ray_address",
+           "prepare_run", "proxy_metrics", "run_name", "storage_uri", "train_loop_per_worker", "train_step"]
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -64,9 +79,6 @@ class PairedImages(Dataset):
 def ood_batch(cfg: ExperimentConfig, defended_eval: torch.nn.Module, x: torch.Tensor, x_cached: torch.Tensor,
               y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The batch's OOD inputs: cached oblivious attacks or fresh end-to-end ones, part replaced by natural shifts."""
-    from oodray.attacks import mixed_attack
-    from oodray.shifts import random_shifts
-
     if cfg.train.regime == "adaptive":
         x_ood = mixed_attack(defended_eval, x, y, attack_specs(cfg), generator=g)
     else:
@@ -79,45 +91,11 @@ def ood_batch(cfg: ExperimentConfig, defended_eval: torch.nn.Module, x: torch.Te
     return x_ood
 
 
-def attack_specs(cfg: ExperimentConfig) -> list[Any]:
-    from oodray.attacks import AttackSpec
-
-    return [AttackSpec(name=a, norm=cfg.attack.norm, eps=e, steps=cfg.attack.steps)
-            for a in cfg.attack.attacks for e in cfg.attack.eps_values()]
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 500) -> float:
-    return sum((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum().item() for i in range(0, len(x), bs)) / len(x)
-
-
-def proxy_metrics(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
-                  ) -> dict[str, float]:
-    """Clean accuracy of C(T(x)) and PGD robust accuracy end to end through T (and gate) and C."""
-    from oodray.attacks import pgd
-
-    g = torch.Generator(device=x_val.device).manual_seed(cfg.train.seed)
-    x_adv = pgd(defended, x_val, y_val, eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.train.proxy_steps,
-                generator=g)
-    out = {"clean_accuracy": _accuracy(defended, x_val, y_val), "robust_accuracy": _accuracy(defended, x_adv, y_val),
-           "classifier_clean_accuracy": _accuracy(defended.classifier, x_val, y_val)}
-    # The search objective: robust accuracy, penalised once clean accuracy falls more than the allowed drop.
-    excess = max(0.0, out["classifier_clean_accuracy"] - out["clean_accuracy"] - cfg.tune.min_clean_accuracy_drop)
-    out["objective"] = out["robust_accuracy"] - 10.0 * excess
-    rate = getattr(defended, "flag_rate", lambda _x: None)
-    if rate(x_val) is not None:
-        out["gate_flag_rate_clean"], out["gate_flag_rate_attacked"] = rate(x_val), rate(x_adv)
-    return out
-
-
 def train_step(cfg: ExperimentConfig, translator: torch.nn.Module, classifier: torch.nn.Module, gate: Any,
                objective: Any, opts: tuple[Any, Any], disc: torch.nn.Module | None,
                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], g: torch.Generator, use_amp: bool,
                ) -> dict[str, float]:
     """One optimisation step of T (and of the discriminator): OOD batch, weighted objective, backward, step."""
-    from oodray.losses import discriminator_loss
-    from oodray.models.defended import DefendedModel
-
     x, x_cached, y = batch
     raw_t = translator.module if hasattr(translator, "module") else translator
     raw_t.eval()  # attacks (adaptive regime) see T in eval mode
@@ -144,12 +122,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from oodray.data import eval_subset, load_dataset
-    from oodray.losses import PatchDiscriminator, TranslatorObjective
-    from oodray.models.classifier import classifier_from_state
-    from oodray.models.defended import DefendedModel, MahalanobisGate
-    from oodray.models.translator import build_translator
-
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -173,14 +145,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             disc.load_state_dict(state["discriminator"])
             opt_d.load_state_dict(state["discriminator_optimizer"])
         if state.get("gate"):
-            gate = _gate_from_state(state["gate"])
+            gate = gate_from_state(state["gate"])
         start_epoch = state["epoch"]
         log.info("rank %d resumed from epoch %d", rank, start_epoch)
     x_val, y_val = (t.to(device) for t in eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)),
                                                         cfg.data.seed))
     if cfg.translator.gate and gate is None:
-        from oodray.data import stack
-
         x_tr, y_tr = stack(splits.train, range(min(len(splits.train), 5000)))
         x_v, _ = stack(splits.val)
         gate = MahalanobisGate.fit(classifier.cpu(), x_tr, x_v, cfg.translator.gate_percentile, y_train=y_tr)
@@ -227,7 +197,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "translator": raw_t.state_dict(), "optimizer": opt.state_dict(),
                     "discriminator": (disc.module if hasattr(disc, "module") else disc).state_dict() if disc else None,
                     "discriminator_optimizer": opt_d.state_dict() if opt_d else None,
-                    "gate": _gate_state(gate), "metrics": metrics,
+                    "gate": gate_state(gate), "metrics": metrics,
                     "classifier_key": loop_config.get("classifier_key"),
                 }, Path(tmp) / CHECKPOINT_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -241,37 +211,10 @@ def _resolve(obj: Any) -> Any:
     return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
 
 
-def _gate_state(gate: Any) -> dict[str, torch.Tensor] | None:
-    return None if gate is None else {k: v.detach().cpu() for k, v in gate.state_dict().items()}
-
-
-def _gate_from_state(state: dict[str, torch.Tensor]) -> Any:
-    from oodray.models.defended import MahalanobisGate
-
-    gate = MahalanobisGate(state["mean"].shape[-1], state["mean"].shape[0])
-    gate.load_state_dict(state)
-    return gate
-
-
-def load_translator_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A translator checkpoint file, or a Ray checkpoint directory holding one; validated, loaded as data."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_FILE
-    state = load_checkpoint(p, what="translator checkpoint")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"'{p}' is not an oodray translator checkpoint (format {state.get('format')!r})")
-    if not (isinstance(state.get("translator"), dict) and isinstance(state.get("config"), dict)
-            and type(state.get("epoch")) is int):
-        raise CheckpointError(f"translator checkpoint '{p}' lacks its weights, config or integer epoch")
-    check_finite(state["translator"], "translator checkpoint", p)
-    return state
-
-
 def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
     """A re-run resumes from the run's newest checkpoint: it is checked here, on the driver before Ray starts, so that
     a damaged one, or one of another translator (a reused --name), is a one-line error, not failing workers."""
-    ckpts = sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    ckpts = checkpoints(run_dir)
     if not ckpts:
         return
     state = load_translator_checkpoint(ckpts[-1])
@@ -286,30 +229,10 @@ def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
                               f"'{cfg.data.name}'; pass another --name to start a new run")
 
 
-def load_defended(state: dict[str, Any], classifier: torch.nn.Module, path: str = "<memory>") -> torch.nn.Module:
-    """Rebuilds C(T(.)) (with its gate) from a translator checkpoint and the fixed classifier."""
-    from oodray.models.defended import DefendedModel
-    from oodray.models.translator import build_translator
-
-    cfg = ExperimentConfig.from_dict(state["config"])
-    t = build_translator(cfg.translator, classifier.info.channels)
-    try:
-        t.load_state_dict(state["translator"])
-    except RuntimeError as e:
-        raise CheckpointError(f"translator checkpoint '{path}' does not fit a '{cfg.translator.arch}' translator "
-                              f"({str(e).splitlines()[0]})") from None
-    gate = _gate_from_state(state["gate"]) if state.get("gate") else None
-    return DefendedModel(classifier, t.eval(), gate).eval()
-
-
 def prepare_run(cfg: ExperimentConfig) -> dict[str, Any]:
     """Driver-side preparation shared by `oodray.train` and each Tune trial: the fixed classifier (trained and
     cached if missing) and, for the oblivious regime, the shared cache of attacks on C (Ray tasks)."""
     import ray
-
-    from oodray.cache import ensure_oblivious_cache
-    from oodray.classifier import classifier_key, get_classifier
-    from oodray.models.translator import build_translator
 
     _, cpath = get_classifier(cfg)
     state = load_checkpoint(cpath, what="classifier checkpoint")
@@ -343,43 +266,6 @@ def fit_translator(cfg: ExperimentConfig, loop_config: dict[str, Any], *, storag
     return trainer.fit()
 
 
-def storage_uri(storage: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://, gs://) pass through."""
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
-def pin_ray_address() -> None:
-    """Worker setup hook: points RAY_ADDRESS at the worker's own cluster.
-
-    Ray's state API, when called with no address, looks for running GCS processes and fails when it finds two. That
-    happens when two local Rays share a machine, e.g. an evaluation beside a search. Ray Train's
-    `PlacementGroupCleaner` calls it. When it fails, a trial that Tune stops keeps its worker group's placement group
-    forever, and the next trial waits for CPUs that never free up.
-    """
-    import os
-
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connects to RAY_ADDRESS when set, else starts a local Ray bound to 127.0.0.1 (token auth stays on)."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Under load (or while a stopped trial's workers are torn down) 60 s is too short for a worker group to start.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
-                 runtime_env={"worker_process_setup_hook": "oodray.train.pin_ray_address"})
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m oodray.train", description=__doc__.split("\n")[0])
     add_config_args(p)
@@ -401,21 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     storage = storage_uri(cfg.storage)
     name = run_name(cfg)
     run_dir = safe_child(storage, name)  # a name may not climb out of the storage directory
-    if "://" not in storage:
+    if not is_uri(storage):
         ensure_writable_dir(run_dir, "storage path")
         check_resumable(cfg, run_dir)
-    from oodray.classifier import get_classifier
-    from oodray.data import load_dataset
-
     get_classifier(cfg, load_dataset(cfg.data))  # bad data or a bad cached C fail here: before Ray, nothing written
-    if "://" not in storage:
+    if not is_uri(storage):
         save_config(cfg, run_dir, "oodray_config.json")
     init_ray()
     loop = prepare_run(cfg)
     t0 = time.time()
     result = fit_translator(cfg, loop, storage=storage, name=name)
     if result.error:
-        raise SystemExit(f"training failed: {result.error}")
+        raise RunFailed(f"training failed: {result.error}")
     m = result.metrics or {}
     print(f"trained {cfg.translator.arch} on {cfg.data.name} for {m.get('epoch')} epochs in {time.time() - t0:.0f}s: "
           f"clean acc of C(T(x)) {m.get('clean_accuracy', float('nan')):.4f}, proxy robust acc (PGD-"

@@ -23,123 +23,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oodray.cache import build_oblivious_cache
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
-from oodray.config import ExperimentConfig, save_config
-from oodray.errors import ConfigError, OodrayError
+from oodray.config import ExperimentConfig, config_hash, save_config
+from oodray.data import load_dataset
+from oodray.errors import OodrayError
+from oodray.evaluate import run_evaluation
+from oodray.fixed_classifier import classifier_path, get_classifier
 from oodray.io import ensure_writable_dir, safe_child
-from oodray.storage import exists, has_content, is_uri, mirror_down, mirror_up
+from oodray.results import RESULT_FILES, build_table, load_trials, rank_trials, write_outputs
+from oodray.runtime import init_ray
+from oodray.search_space import CONDITIONAL, SPACE, DefineByRun, narrowed_space, trial_name, trial_overrides
+from oodray.storage import exists, has_content, is_uri, mirror_down, mirror_up, storage_uri
 from oodray.storage import join as storage_join
+from oodray.train import fit_translator, prepare_run
 
 log = logging.getLogger(__name__)
 
 DRIVER_CPUS = 0.25  # the trial driver only waits on its TorchTrainer
-
-# The search space: key -> (kind, choices or (low, high[, log])). Conditional keys live under their architecture.
-SPACE: dict[str, tuple[str, Any]] = {
-    "translator.arch": ("cat", ["unet", "resnet"]),
-    "translator.residual": ("cat", [True, False]),
-    "translator.width": ("cat", [8, 16, 32]),
-    "translator.norm": ("cat", ["batch", "instance", "none"]),
-    "translator.depth": ("int", (1, 3)),  # unet only
-    "translator.dropout": ("float", (0.0, 0.3)),  # unet only
-    "translator.downsamplings": ("int", (0, 2)),  # resnet only
-    "translator.blocks": ("int", (1, 6)),  # resnet only
-    "loss.pixel": ("float", (0.0, 2.0)),
-    "loss.consistency": ("float", (0.0, 2.0)),
-    "loss.ce": ("float", (0.0, 2.0)),
-    "loss.feature": ("float", (0.0, 1.0)),
-    "loss.identity": ("float", (0.0, 2.0)),
-    "loss.clean_consistency": ("float", (0.0, 3.0)),
-    "loss.gan": ("cat", [0.0, 0.05]),
-    "train.lr": ("float", (1e-4, 3e-3, "log")),
-    "train.regime": ("cat", ["oblivious", "adaptive"]),
-    "attack.attacks": ("cat", ["pgd", "pgd,fgsm"]),
-    "attack.eps_mix": ("cat", ["eps", "eps,half"]),
-}
-CONDITIONAL = {"translator.depth": "unet", "translator.dropout": "unet", "translator.downsamplings": "resnet",
-               "translator.blocks": "resnet"}
-
-
-def narrowed_space(narrow: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-    """Applies `tune.space` from the YAML: a list narrows a choice, a scalar fixes it, {low, high} a range."""
-    space = dict(SPACE)
-    for key, v in narrow.items():
-        if key not in SPACE:
-            raise ConfigError(f"tune.space key '{key}' is not searched; known: {', '.join(SPACE)}")
-        kind, _ = SPACE[key]
-        if isinstance(v, list):
-            if not v:
-                raise ConfigError(f"tune.space narrows '{key}' to nothing (empty list)")
-            space[key] = ("cat", v)
-        elif isinstance(v, dict):
-            if not {"low", "high"} <= set(v) or v["low"] > v["high"]:
-                raise ConfigError(f"tune.space '{key}' range needs low <= high, got {v}")
-            space[key] = (kind if kind != "cat" else "float", (v["low"], v["high"], *(["log"] if v.get("log") else [])))
-        else:
-            space[key] = ("fixed", v)
-    return space
-
-
-class DefineByRun:
-    """Optuna define-by-run space (picklable, so Tune can checkpoint the searcher): conditional parameters are
-    only suggested for their architecture, and downsampling depths are capped by the image size."""
-
-    def __init__(self, space: dict[str, tuple[str, Any]], max_depth: int) -> None:
-        self.space, self.max_depth = space, max_depth
-
-    def _pick(self, trial: Any, key: str, fixed: dict[str, Any]) -> Any:
-        kind, arg = self.space[key]
-        if kind == "fixed":
-            fixed[key] = arg
-            return arg
-        if kind == "cat":
-            return trial.suggest_categorical(key, arg)
-        low, high, *log = arg
-        if key in ("translator.depth", "translator.downsamplings"):
-            high = min(high, self.max_depth - (1 if key == "translator.downsamplings" else 0))
-            low = min(low, high)
-        if kind == "int":
-            return trial.suggest_int(key, int(low), int(high))
-        return trial.suggest_float(key, float(low), float(high), log=bool(log))
-
-    def __call__(self, trial: Any) -> dict[str, Any] | None:
-        fixed: dict[str, Any] = {}
-        arch = self._pick(trial, "translator.arch", fixed)
-        for key in self.space:
-            if key == "translator.arch" or (key in CONDITIONAL and CONDITIONAL[key] != arch):
-                continue
-            self._pick(trial, key, fixed)
-        return fixed or None
-
-
-def trial_overrides(params: dict[str, Any], base: ExperimentConfig) -> dict[str, Any]:
-    """Maps sampled parameters onto config keys (mixtures expand to tuples, conditional keys are reset)."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if k not in SPACE:
-            continue
-        if k == "attack.attacks":
-            v = tuple(str(v).split(","))
-        elif k == "attack.eps_mix":
-            v = (base.attack.eps,) if v == "eps" else (base.attack.eps, base.attack.eps / 2)
-        out[k] = v
-    arch = out.get("translator.arch", base.translator.arch)
-    for k, a in CONDITIONAL.items():
-        if a != arch:
-            out[k] = None
-    return out
-
+__all__ = ["CONDITIONAL", "SPACE", "DefineByRun", "main", "narrowed_space", "trial_driver", "trial_overrides"]
 
 def trial_driver(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
     """One trial: a Ray Train run of the sampled translator, reporting every epoch to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from oodray.train import fit_translator, prepare_run
-
     cfg0 = ExperimentConfig.from_dict(base)
     cfg = cfg0.replace(**trial_overrides(params, cfg0))
-    name = f"trial-{tune.get_context().get_trial_id()}"  # deterministic per trial, so a restored trial resumes
+    name = trial_name(tune.get_context().get_trial_id())
     result = fit_translator(cfg, prepare_run(cfg), storage=storage_join(exp_dir, "train"), name=name,
                             callbacks=[TuneReportCallback()])
     if result.error:
@@ -150,9 +61,6 @@ def precompute_caches(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]]) 
     """Builds the oblivious caches of every attack variant the search can pick, before trials need them (as Ray
     tasks, while the whole cluster is free), so trials only read them."""
     import itertools
-
-    from oodray.cache import build_oblivious_cache
-    from oodray.classifier import classifier_path
 
     def values(key: str) -> list[Any]:
         kind, arg = space[key]
@@ -168,8 +76,6 @@ def precompute_caches(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]]) 
 
 
 def experiment_name(cfg: ExperimentConfig, objective: str) -> str:
-    from oodray.train import config_hash
-
     digest = config_hash(cfg, ('data', 'classifier', 'translator', 'loss', 'attack', 'train', 'tune'))
     return cfg.name or f"tune-{cfg.data.name}-{objective}-{digest}"
 
@@ -198,7 +104,7 @@ def check_storage(storage: str) -> None:
     """A local storage path on a multi-node cluster is refused: other nodes could not write or read it."""
     import ray
 
-    if "://" in storage:
+    if is_uri(storage):
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     hosts = {n.get("NodeManagerAddress") for n in nodes}
@@ -247,14 +153,11 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
 
 def final_evaluation(cfg: ExperimentConfig, exp_dir: Path) -> None:
     """Full AutoAttack on the top-k trials and on the undefended classifier, in this run; finished ones are kept."""
-    from oodray.evaluate import run_evaluation
-    from oodray.results import load_trials, rank_trials
-
     trials = rank_trials(load_trials(exp_dir), cfg.tune.objective)
     top = [t for t in trials if t.get("checkpoint")][: cfg.tune.final_top_k]
     jobs: list[tuple[ExperimentConfig, str | None, str]] = [
         (cfg.replace(**{"translator.arch": "identity"}), None, "undefended")]
-    jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], f"trial-{t['trial_id']}") for t in top]
+    jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], trial_name(t['trial_id'])) for t in top]
     for job_cfg, ckpt, label in jobs:
         out = safe_child(exp_dir / "eval", label)  # trial ids come from files in the experiment directory
         if (out / "summary.json").exists():
@@ -287,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         "train": {"epochs": args.epochs, "workers": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker},
         "storage": args.storage, "name": args.name})
     narrowed_space(cfg.tune.space)  # bad narrowing fails before anything starts
-    from oodray.train import init_ray, storage_uri
-
     storage = storage_uri(cfg.storage)
     name = experiment_name(cfg, cfg.tune.objective)
     safe_child(storage, name)  # a name may not climb out of the storage directory ('..', absolute)
@@ -303,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         raise OodrayError(f"experiment '{exp_uri}' already exists; pass --resume to continue it, or --name for a "
                           "new one (nothing was changed)")
     ensure_writable_dir(exp_dir, "local staging directory" if is_uri(storage) else "storage path")
-    from oodray.classifier import get_classifier
-    from oodray.data import load_dataset
-
     splits = load_dataset(cfg.data)  # bad data or a bad cached C fail here, before Ray starts or anything is written
     get_classifier(cfg, splits)  # train and cache C once, before trials share it
     init_ray()
@@ -327,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     if is_uri(storage):
         mirror_down(exp_uri, exp_dir)
     final_evaluation(cfg, exp_dir)
-    from oodray.results import RESULT_FILES, build_table, write_outputs
-
     table = build_table(exp_dir)
     write_outputs(table, exp_dir)
     print(table.to_string(index=False))

@@ -3,7 +3,7 @@
 Each row runs `python -m oodray.<cli>` on one bad input and checks that: the exit code is 2; stderr ends with one line
 `error: ...` holding the row's words and no traceback; not one file under the workspace (an earlier run, an earlier
 evaluation, an earlier results table) or under the oodray cache was created, changed or deleted (a directory left
-empty by a writability check is allowed); and Ray was never started (`oodray.train.init_ray` raises in-process).
+empty by a writability check is allowed); and Ray was never started (`ray.init` raises in-process).
 Rows run in-process through the same `oodray.cli.run` the modules use; one row per CLI also runs as a real subprocess.
 
 NaN/Inf pixels: no input format a CLI reads can carry them (IDX files, ImageFolder images and CIFAR batches hold
@@ -47,6 +47,17 @@ class _Boom:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def forbid_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any start of (or connection to) Ray in this process fails the test: bad input must be refused before it."""
+    import ray
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("bad input reached Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 def _idx(path: Path, arr: Any) -> None:
@@ -250,10 +261,7 @@ def test_bad_input(cli, case, ws, oodray_cache, monkeypatch, capsys):
 
         from oodray.cli import run
 
-        def no_ray(*_a, **_k):
-            raise AssertionError("bad input reached Ray")
-
-        monkeypatch.setattr("oodray.train.init_ray", no_ray)
+        forbid_ray(monkeypatch)
         main = importlib.import_module(f"oodray.{cli}").main
         with pytest.raises(SystemExit) as exit_info:
             run(main, argv)
@@ -331,10 +339,10 @@ def test_only_oodray_io_unpickles():
 
 @pytest.mark.ray
 def test_local_ray_binds_its_dashboard_to_loopback(tmp_path):
-    """`oodray.train.init_ray` (used by every CLI) starts local Ray with its dashboard on 127.0.0.1 only."""
+    """`oodray.runtime.init_ray` (used by every CLI) starts local Ray with its dashboard on 127.0.0.1 only."""
     script = (
         "import os, ray\n"
-        "from oodray.train import init_ray\n"
+        "from oodray.runtime import init_ray\n"
         "init_ray(num_cpus=1)\n"
         "print('URL', ray._private.worker._global_node.webui_url)\n"
         "me = str(os.getpid())\n"
@@ -363,7 +371,7 @@ def test_local_ray_binds_its_dashboard_to_loopback(tmp_path):
 def test_names_cannot_escape_the_storage_directory(cli, name, tmp_path, monkeypatch, capsys):
     from oodray.cli import run
 
-    monkeypatch.setattr("oodray.train.init_ray", lambda *a, **k: pytest.fail("bad input reached Ray"))
+    forbid_ray(monkeypatch)
     storage = tmp_path / "storage"
     name = str(tmp_path / "escape") if name == "<absolute>" else name
     main = __import__(f"oodray.{cli}", fromlist=["main"]).main

@@ -154,7 +154,8 @@ def _latest_registered_epoch(run_dir: Path) -> int:
 def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_here, tmp_path):
     """SIGKILL one of two DDP workers during epoch 2 of 3: FailureConfig restarts the worker group, which resumes
     from the epoch-1 checkpoint and still ends after exactly 3 epochs."""
-    from oodray.train import fit_translator, load_translator_checkpoint, prepare_run
+    from oodray.models.translator import load_translator_checkpoint
+    from oodray.train import fit_translator, prepare_run
 
     # Adaptive regime with 60-step PGD per batch: an epoch takes seconds, so the kill lands inside one.
     cfg = resolve_config("synthetic", overrides=[
@@ -328,7 +329,7 @@ def test_killed_cache_build_regenerates_only_unrecorded_shards(tmp_path, monkeyp
 
 STATE_PROBE = """
 import ray
-from oodray.train import init_ray
+from oodray.runtime import init_ray
 init_ray(num_cpus=1)
 
 @ray.remote(num_cpus=0)

@@ -7,7 +7,8 @@ from conftest import assert_one_line_error, run_cli
 from oodray.cache import build_oblivious_cache, cache_dir, load_oblivious_cache
 from oodray.classifier import get_classifier
 from oodray.config import resolve_config
-from oodray.train import fit_translator, load_translator_checkpoint, prepare_run
+from oodray.models.translator import load_translator_checkpoint
+from oodray.train import fit_translator, prepare_run
 
 pytestmark = pytest.mark.ray
 

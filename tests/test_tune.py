@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from oodray.errors import ConfigError
-from oodray.tune import CONDITIONAL, SPACE, DefineByRun, narrowed_space
+from oodray.search_space import CONDITIONAL, SPACE, DefineByRun, narrowed_space
 
 pytestmark = pytest.mark.ray
 

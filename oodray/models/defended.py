@@ -5,15 +5,23 @@ scores), inputs judged in-distribution skip T: `y = C(x) if score(x) <= tau else
 not differentiable, so the gate's mask is straight-through: the forward pass routes hard, the backward pass uses
 a sigmoid relaxation of (score - tau). The gate-aware attacker therefore gets a gradient that also pushes inputs
 under the threshold (BPDA for the gate), and attacks on this module are end to end.
+
+`build_defended` / `load_defended` rebuild C(T(.)) from a translator checkpoint's state (or a baseline translator
+named by the config), with the gate's saved state (`gate_state` / `gate_from_state`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from oodray.config.schema import ExperimentConfig
+from oodray.errors import CheckpointError
 from oodray.models.classifier import Classifier
+from oodray.models.translator import build_translator
 
 
 def penultimate(classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
@@ -83,3 +91,34 @@ class DefendedModel(nn.Module):
         if self.gate is None:
             return None
         return float(self.gate.flags(self.classifier, x).float().mean())
+
+
+def gate_state(gate: MahalanobisGate | None) -> dict[str, torch.Tensor] | None:
+    return None if gate is None else {k: v.detach().cpu() for k, v in gate.state_dict().items()}
+
+
+def gate_from_state(state: dict[str, torch.Tensor]) -> MahalanobisGate:
+    gate = MahalanobisGate(state["mean"].shape[-1], state["mean"].shape[0])
+    gate.load_state_dict(state)
+    return gate
+
+
+def load_defended(state: dict[str, Any], classifier: Classifier, path: str = "<memory>") -> DefendedModel:
+    """Rebuilds C(T(.)) (with its gate) from a translator checkpoint's state and the fixed classifier."""
+    cfg = ExperimentConfig.from_dict(state["config"])
+    t = build_translator(cfg.translator, classifier.info.channels)
+    try:
+        t.load_state_dict(state["translator"])
+    except RuntimeError as e:
+        raise CheckpointError(f"translator checkpoint '{path}' does not fit a '{cfg.translator.arch}' translator "
+                              f"({str(e).splitlines()[0]})") from None
+    gate = gate_from_state(state["gate"]) if state.get("gate") else None
+    return DefendedModel(classifier, t.eval(), gate).eval()
+
+
+def build_defended(cfg: ExperimentConfig, classifier: Classifier, translator_state: dict[str, Any] | None,
+                   ) -> DefendedModel:
+    """C(T(.)) from a translator checkpoint's state, or the baseline translator (identity, bitdepth) of the config."""
+    if translator_state is not None:
+        return load_defended(translator_state, classifier, translator_state.get("path", "<memory>"))
+    return DefendedModel(classifier, build_translator(cfg.translator, classifier.info.channels)).eval()

@@ -6,21 +6,30 @@ through the same code path), `tiny` (tests), `dae` (MagNet-style denoising auto-
 Every builder's knobs are optional (None keeps the builder's default), so a search can leave any of them unset.
 Common options: `residual` (x + delta) or direct output; the output is always clamped to [0,1].
 Inputs of any size are padded (replicate) to the multiple the architecture needs and cropped back.
+
+The translator checkpoint format lives here too: `translator.pt` holds T's weights, the optimizer(s), the epoch, the
+gate's state and the resolved config (`CHECKPOINT_FORMAT`); `load_translator_checkpoint` validates one and
+`latest_checkpoint` finds a run's newest (Ray Train names them `checkpoint_<time>/`).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodray.config import TranslatorConfig
-from oodray.errors import ConfigError
+from oodray.config.schema import TranslatorConfig
+from oodray.errors import CheckpointError, ConfigError
+from oodray.io import check_finite, load_checkpoint
 from oodray.registry import Registry
 
 TRANSLATORS = Registry("translator")
+CHECKPOINT_FORMAT = "oodray.translator/1"
+CHECKPOINT_FILE = "translator.pt"
 
 
 def _norm(kind: str, ch: int) -> nn.Module:
@@ -201,3 +210,28 @@ def build_translator(cfg: TranslatorConfig, channels: int, image_size: tuple[int
 
 def is_trainable(model: nn.Module) -> bool:
     return any(p.requires_grad for p in model.parameters())
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """A Ray Train run's translator checkpoint files, oldest first (Ray names the directories by time)."""
+    return sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+
+
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    found = checkpoints(run_dir)
+    return str(found[-1]) if found else None
+
+
+def load_translator_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A translator checkpoint file, or a Ray checkpoint directory holding one; validated, loaded as data."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_FILE
+    state = load_checkpoint(p, what="translator checkpoint")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"'{p}' is not an oodray translator checkpoint (format {state.get('format')!r})")
+    if not (isinstance(state.get("translator"), dict) and isinstance(state.get("config"), dict)
+            and type(state.get("epoch")) is int):
+        raise CheckpointError(f"translator checkpoint '{p}' lacks its weights, config or integer epoch")
+    check_finite(state["translator"], "translator checkpoint", p)
+    return state

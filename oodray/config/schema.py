@@ -1,15 +1,16 @@
-"""Experiment configuration: frozen dataclasses resolved once, in one direction.
+"""The experiment config's schema: frozen dataclasses, their validators and the one set of accepted names.
 
-Resolution order: defaults < dataset preset < YAML file (`experiments/*.yaml`) < CLI dotted overrides
-(`--set train.lr=3e-4`). Unknown keys and wrong types are `ConfigError`s naming the key. The resolved config is
-saved next to every output (`save_config`) and rebuilt from a plain dict with `ExperimentConfig.from_dict`, which
-is how Ray workers get it back on their first line.
+Every accepted name (norms, threat models, regimes, AutoAttack versions, objectives, training attacks, loss terms)
+is defined here once; `oodray.attacks` and the CLIs import them. `ExperimentConfig.from_dict` rebuilds a typed,
+validated config from a plain dict (how Ray workers get it back on their first line); unknown keys and wrong
+types are `ConfigError`s naming the key. `classifier_key` and `config_hash` are the deterministic names derived
+from a config. Imports only the standard library, yaml-free; nothing here touches torch or datasets.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -18,8 +19,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from oodray.errors import ConfigError
 
@@ -36,7 +35,7 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not accepted; choose one of: {', '.join(choices)}")
 
 
-def _check_eps(key: str, eps: float, norm: str) -> None:
+def check_eps(key: str, eps: float, norm: str) -> None:
     limit = 1.0 if norm == "Linf" else 100.0
     if not (math.isfinite(eps) and 0.0 < eps <= limit):
         raise ConfigError(f"{key}={eps!r} is out of range; {norm} eps must be in (0, {limit:g}] on [0,1] pixels")
@@ -146,13 +145,13 @@ class AttackConfig:
 
     def __post_init__(self) -> None:
         _check_choice("attack.norm", self.norm, NORMS)
-        _check_eps("attack.eps", self.eps, self.norm)
+        check_eps("attack.eps", self.eps, self.norm)
         for a in self.attacks:
             _check_choice("attack.attacks", a, TRAIN_ATTACKS)
         if not self.attacks:
             raise ConfigError("attack.attacks is empty; give at least one of: " + ", ".join(TRAIN_ATTACKS))
         for e in self.eps_mix:
-            _check_eps("attack.eps_mix", e, self.norm)
+            check_eps("attack.eps_mix", e, self.norm)
         _check_positive("attack.steps", self.steps)
         if not 0.0 <= self.shift_fraction <= 1.0:
             raise ConfigError(f"attack.shift_fraction={self.shift_fraction!r} must be in [0, 1]")
@@ -254,7 +253,7 @@ class ExperimentConfig:
         """A copy with dotted keys replaced: `cfg.replace(**{"train.lr": 1e-4})`."""
         d = self.to_dict()
         for k, v in dotted.items():
-            _set_dotted(d, k, v)
+            set_dotted(d, k, v)
         return ExperimentConfig.from_dict(d)
 
     def resolved_cache_dir(self) -> Path:
@@ -268,116 +267,23 @@ class ExperimentConfig:
 
 
 # Dataset presets: each names the dataset's standard threat model and affordable training budgets.
-PRESETS: dict[str, dict[str, Any]] = {
-    "synthetic": {
-        "classifier": {"arch": "tiny_cnn", "epochs": 30, "lr": 0.01},
-        "translator": {"arch": "tiny"},
-        "attack": {"eps": 0.1, "steps": 5},
-        "train": {"epochs": 1, "batch_size": 32, "proxy_examples": 32, "proxy_steps": 3},
-        "eval": {"n_examples": 32, "shards": 2},
-    },
-    "digits": {
-        "classifier": {"arch": "small_cnn", "epochs": 30, "batch_size": 64},
-        "translator": {"arch": "unet", "depth": 2, "width": 16},
-        "attack": {"eps": 0.2, "steps": 10},
-        "train": {"epochs": 3, "batch_size": 64, "proxy_examples": 180},
-        "eval": {"n_examples": 200, "shards": 2},
-        "tune": {"num_samples": 4, "final_top_k": 1},
-    },
-    # Sized for a 2-core CPU machine (search + final AutoAttack: 84 min there): 60 batches of 128 per epoch,
-    # U-Nets of width 8-16, PGD only; a GPU cluster lifts max_batches and widens the space.
-    "fashion-mnist": {
-        "classifier": {"arch": "small_cnn", "epochs": 8},
-        "translator": {"arch": "unet", "depth": 2, "width": 16},
-        "attack": {"eps": 0.1, "steps": 10},
-        "train": {"epochs": 4, "batch_size": 128, "proxy_examples": 500, "max_batches": 60},
-        "eval": {"n_examples": 1000, "shards": 2},
-        "tune": {"num_samples": 6, "final_top_k": 1,
-                 "space": {"translator.arch": ["unet"], "translator.width": [8, 16], "attack.attacks": ["pgd"],
-                           "attack.eps_mix": ["eps"]}},
-    },
-    "mnist": {
-        "classifier": {"arch": "small_cnn", "epochs": 8},
-        "translator": {"arch": "unet", "depth": 2, "width": 32},
-        "attack": {"eps": 0.3, "steps": 20},
-        "train": {"epochs": 10, "batch_size": 128, "proxy_examples": 500},
-        "eval": {"n_examples": 1000},
-    },
-    "cifar10": {
-        "classifier": {"arch": "resnet18_cifar", "epochs": 60, "lr": 1e-3, "batch_size": 256},
-        "translator": {"arch": "unet", "depth": 3, "width": 64},
-        "attack": {"eps": 8 / 255, "steps": 10},
-        "train": {"epochs": 30, "batch_size": 128, "proxy_examples": 1000},
-        "eval": {"n_examples": 1000, "norms": ["Linf"], "eps": [8 / 255]},
-    },
-    "imagenet": {
-        "classifier": {"arch": "resnet50", "epochs": 0},
-        "translator": {"arch": "resnet", "downsamplings": 2, "blocks": 6, "width": 64},
-        "attack": {"eps": 4 / 255, "steps": 5},
-        "train": {"epochs": 10, "batch_size": 64, "proxy_examples": 500, "proxy_steps": 5},
-        "eval": {"n_examples": 5000, "shards": 16},
-    },
-}
 
 
-def resolve_config(
-    dataset: str | None = None,
-    yaml_path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> ExperimentConfig:
-    """defaults < preset[dataset] < YAML < `extra` (CLI flags) < dotted overrides; validated once."""
-    file_cfg: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
-    override_cfg: dict[str, Any] = {}
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(override_cfg, key, value)
-    name = (
-        _get_dotted(override_cfg, "data.name") or dataset or _get_dotted(file_cfg, "data.name") or DataConfig.name
-    )
-    from oodray.data import DATASETS  # late import: config stays importable without torch
-
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset '{name}'; known: {', '.join(DATASETS.names())}")
-    merged: dict[str, Any] = {}
-    for layer in (PRESETS.get(name, {}), file_cfg, extra or {}, override_cfg):
-        _deep_merge(merged, layer)
-    _set_dotted(merged, "data.name", name)
-    return ExperimentConfig.from_dict(merged)
+def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "classifier", "translator", "loss",
+                                                                        "attack", "train")) -> str:
+    """A short digest of the given sections: the deterministic part of run and experiment names."""
+    d = cfg.to_dict()
+    blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(d).__name__}")
-    return d
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`train.lr=3e-4` -> ("train.lr", 0.0003); values are read as YAML scalars/lists."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like section.key=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def save_config(cfg: ExperimentConfig, directory: str | Path, filename: str = "config.json") -> Path:
-    """Writes the resolved config beside an output (atomically)."""
-    from oodray.io import atomic_write_text
-
-    path = Path(directory) / filename
-    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    return path
+def classifier_key(cfg: ExperimentConfig) -> str:
+    """The name of the fixed classifier this config trains (and of its cache directory)."""
+    c = cfg.classifier
+    key = f"{cfg.data.name}-{c.arch}-seed{c.seed}"
+    if c.adversarial != "none":
+        key += f"-{c.adversarial}-{cfg.attack.norm}-eps{c.adv_eps or cfg.attack.eps:.4g}"
+    return key
 
 
 # --- plumbing ---------------------------------------------------------------------------------------------------
@@ -391,15 +297,8 @@ def _to_plain(v: Any) -> Any:
     return v
 
 
-def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "space":
-            _deep_merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)  # never alias a layer (e.g. PRESETS) that later layers would mutate
 
-
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
         nxt = d.setdefault(p, {})
@@ -420,7 +319,7 @@ def flatten(d: dict[str, Any], prefix: str = "", *, drop_none: bool = False) -> 
     return out
 
 
-def _get_dotted(d: dict[str, Any], key: str) -> Any:
+def get_dotted(d: dict[str, Any], key: str) -> Any:
     for p in key.split("."):
         if not isinstance(d, dict) or p not in d:
             return None
@@ -484,4 +383,3 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' must be a string, got {v!r}")
     if tp is Any:
         return v
-    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
