@@ -27,10 +27,23 @@ log = logging.getLogger(__name__)
 SHARD_SIZE = 512
 
 
+def weights_digest(classifier_state: dict[str, Any]) -> str:
+    """sha256 of C's weights (tensor names, dtypes, shapes and bytes): the same C gives the same digest whatever else
+    its file holds (timings), so a rebuilt identical classifier keeps its caches."""
+    h = hashlib.sha256()
+    for name, t in sorted(classifier_state["state_dict"].items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def cache_dir(cfg: ExperimentConfig, classifier_path: Path) -> Path:
+    """`<cache>/oblivious/<dataset>-<key>`: the key covers C's weights, the data split and size, every attack setting
+    and the seed, i.e. everything that changes the cached images."""
     a = cfg.attack
     key_src = {
-        "classifier_sha256": hashlib.sha256(Path(classifier_path).read_bytes()).hexdigest(),
+        "classifier_weights": weights_digest(load_checkpoint(classifier_path, what="classifier checkpoint")),
         "data": {"name": cfg.data.name, "seed": cfg.data.seed, "val_fraction": cfg.data.val_fraction,
                  "image_size": cfg.data.image_size},
         "attack": {"norm": a.norm, "eps": a.eps_values(), "attacks": list(a.attacks), "steps": a.steps},

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from oodray.config import ExperimentConfig, resolve_config
-from oodray.errors import OodrayError, RunFailed
+from oodray.errors import Interrupted, OodrayError, RunFailed
 
 
 def add_config_args(p: argparse.ArgumentParser, dataset_default: str | None = None) -> None:
@@ -48,7 +49,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Runs a CLI main under the exit policy above."""
+    """Runs a CLI main under the exit policy above. SIGTERM stops it as Ctrl-C does (finished work kept, exit 130)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(argv)
     except OodrayError as e:
@@ -57,7 +59,14 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; finished work is kept (resume with the same command)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) if isinstance(e, Interrupted) else "interrupted; finished work is kept (resume with the same "
+              "command)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")

@@ -29,5 +29,9 @@ class StateFileError(CheckpointError, ValueError):
     """A resumable state file (AutoAttack's) that is unreadable or belongs to another evaluation."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run; the message says where it stopped and how to resume. CLIs exit 130."""
+
+
 class RunFailed(Exception):
     """A run that started on valid input and failed (workers, trials, evaluation tasks); CLIs exit 1."""

@@ -5,8 +5,15 @@ Imports only the standard library at module level (ray and torch when called), s
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from typing import Any
+
+from oodray.errors import OodrayError
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 10.0
 
 
 def pin_ray_address() -> None:
@@ -31,6 +38,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     # Under load (or while a stopped trial's workers are torn down) 60 s is too short for a worker group to start.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     if os.environ.get("RAY_ADDRESS"):
+        _check_reachable(os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         hook = f"{pin_ray_address.__module__}.{pin_ray_address.__qualname__}"
@@ -44,3 +52,56 @@ def task_device(gpus: float, cpus: float) -> Any:
 
     torch.set_num_threads(max(1, int(cpus)))
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
+def init_ray_for(cpus: float, gpus: float, what: str) -> None:
+    """`init_ray` for work that needs `cpus` and `gpus` at once: refused before a local Ray starts when this machine
+    cannot hold it; on a joined cluster, checked against its resources once connected (warns: nodes may join)."""
+    import ray
+
+    if not ray.is_initialized():
+        check_resources(cpus, gpus, what)
+    init_ray()
+    if os.environ.get("RAY_ADDRESS"):
+        check_resources(cpus, gpus, what, available=ray.cluster_resources())
+
+
+def _check_reachable(address: str) -> None:
+    """A `host:port` RAY_ADDRESS where nothing listens is one line now, not a connection retried for minutes."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return  # ray://, auto and other forms are Ray's to resolve
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as e:
+        raise OodrayError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e}); start it (ray start --head) "
+                          "or unset RAY_ADDRESS to run on a local Ray") from None
+
+
+def local_resources() -> dict[str, float] | None:
+    """The CPUs and GPUs a local Ray started by `init_ray` would have; None when RAY_ADDRESS names a cluster."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
+
+
+def check_resources(cpus: float, gpus: float, what: str, available: dict[str, float] | None = None) -> None:
+    """Refuses, before anything waits for it, a request that the cluster can never satisfy ("needs 4 CPUs, the
+    cluster has 2"). Checked against the local machine before a local Ray starts (`available=None`), or against a
+    joined cluster's current resources, where an autoscaler may still add nodes: then it only warns."""
+    joined = available is not None
+    have = available if joined else local_resources()
+    if have is None:
+        return  # a cluster not joined yet: checked again once connected
+    for kind, need in (("CPU", cpus), ("GPU", gpus)):
+        if need > have.get(kind, 0.0) + 1e-9:
+            line = (f"{what} needs {need:g} {kind}s but the {'cluster' if joined else 'local Ray cluster'} has "
+                    f"{have.get(kind, 0.0):g}")
+            if joined:
+                log.warning("%s now; waiting for the autoscaler to add nodes (Ctrl-C to stop)", line)
+            else:
+                raise OodrayError(f"{line}; lower the request or run on a cluster (RAY_ADDRESS)")

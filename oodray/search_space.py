@@ -91,6 +91,18 @@ class DefineByRun:
         return fixed or None
 
 
+def validate_space(base: ExperimentConfig, space: dict[str, tuple[str, Any]]) -> None:
+    """Every value the search can sample must make a valid config: checked once, before Ray starts, so that a bad
+    `tune.space` value is one line instead of every trial failing inside Ray."""
+    for key, (kind, arg) in space.items():
+        values = [arg] if kind == "fixed" else list(arg) if kind == "cat" else [arg[0], arg[1]]
+        for v in values:
+            try:
+                base.replace(**trial_overrides({key: int(v) if kind == "int" else v}, base))
+            except (ConfigError, TypeError, ValueError) as e:
+                raise ConfigError(f"tune.space '{key}' value {v!r} is not accepted: {e}") from None
+
+
 def trial_overrides(params: dict[str, Any], base: ExperimentConfig) -> dict[str, Any]:
     """Maps sampled parameters onto config keys (mixtures expand to tuples, conditional keys are reset)."""
     out: dict[str, Any] = {}

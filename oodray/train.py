@@ -47,7 +47,7 @@ from oodray.models.translator import (
     checkpoints,
     load_translator_checkpoint,
 )
-from oodray.runtime import init_ray, pin_ray_address
+from oodray.runtime import init_ray, init_ray_for, pin_ray_address
 from oodray.shifts import random_shifts
 from oodray.storage import is_uri, storage_uri
 
@@ -126,6 +126,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # Intra-op threads = the CPUs Ray granted, set here rather than left to OMP_NUM_THREADS: a worker that imported
+    # torch before Ray applied it (e.g. through a setup hook) would otherwise use every core of the machine.
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg.data)
     classifier = classifier_from_state(_resolve(loop_config["classifier"])).to(device)  # frozen, never DDP-wrapped
@@ -168,9 +171,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         cfg.train.batch_size)
     objective = TranslatorObjective(cfg.loss, classifier, disc)
     use_amp = cfg.train.amp and device.type == "cuda"
-    g = torch.Generator(device="cpu").manual_seed(cfg.train.seed * 1000 + rank)
+    g = torch.Generator(device="cpu")
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
+        # Seeded per (rank, epoch), not once: a run resumed at epoch k draws what an uninterrupted one draws there.
+        g.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
+        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))  # dropout and other global draws
         sampler.set_epoch(epoch)
         translator.train()
         sums: dict[str, float] = {}
@@ -203,6 +209,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    return (seed * 1000 + rank) * 10_000 + epoch
 
 
 def _resolve(obj: Any) -> Any:
@@ -290,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     if not is_uri(storage):
         ensure_writable_dir(run_dir, "storage path")
         check_resumable(cfg, run_dir)
-    get_classifier(cfg, load_dataset(cfg.data))  # bad data or a bad cached C fail here: before Ray, nothing written
+    classifier, _ = get_classifier(cfg, load_dataset(cfg.data))  # bad data or a bad cached C fail here, before Ray
+    build_translator(cfg.translator, classifier.info.channels, classifier.info.image_size)  # unknown arch, bad sizes
     if not is_uri(storage):
         save_config(cfg, run_dir, "oodray_config.json")
-    init_ray()
+    t = cfg.train
+    init_ray_for(t.workers * t.cpus_per_worker, t.workers * t.gpus_per_worker,
+                 f"training with {t.workers} worker(s) x {t.cpus_per_worker:g} CPU, {t.gpus_per_worker:g} GPU")
     loop = prepare_run(cfg)
     t0 = time.time()
     result = fit_translator(cfg, loop, storage=storage, name=name)

@@ -17,23 +17,40 @@ shifts, through the evaluation fan-out, and the results table is printed (see `o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import math
+import os
+import shlex
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from oodray.cache import build_oblivious_cache
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
-from oodray.config import ExperimentConfig, config_hash, save_config
+from oodray.config import ExperimentConfig, config_hash, flatten, save_config
 from oodray.data import load_dataset
-from oodray.errors import OodrayError
+from oodray.errors import Interrupted, OodrayError, RunFailed
 from oodray.evaluate import run_evaluation
 from oodray.fixed_classifier import classifier_path, get_classifier
 from oodray.io import ensure_writable_dir, safe_child
+from oodray.models.translator import build_translator
 from oodray.results import RESULT_FILES, build_table, load_trials, rank_trials, write_outputs
-from oodray.runtime import init_ray
-from oodray.search_space import CONDITIONAL, SPACE, DefineByRun, narrowed_space, trial_name, trial_overrides
+from oodray.runtime import check_resources, init_ray
+from oodray.schedulers import ResumableASHA
+from oodray.search_space import (
+    CONDITIONAL,
+    SPACE,
+    DefineByRun,
+    narrowed_space,
+    trial_name,
+    trial_overrides,
+    validate_space,
+)
 from oodray.storage import exists, has_content, is_uri, mirror_down, mirror_up, storage_uri
 from oodray.storage import join as storage_join
 from oodray.train import fit_translator, prepare_run
@@ -41,6 +58,7 @@ from oodray.train import fit_translator, prepare_run
 log = logging.getLogger(__name__)
 
 DRIVER_CPUS = 0.25  # the trial driver only waits on its TorchTrainer
+SCHEDULER_STATE = "oodray_scheduler.pkl"  # ResumableASHA's rungs, beside the experiment
 __all__ = ["CONDITIONAL", "SPACE", "DefineByRun", "main", "narrowed_space", "trial_driver", "trial_overrides"]
 
 def trial_driver(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
@@ -80,23 +98,24 @@ def experiment_name(cfg: ExperimentConfig, objective: str) -> str:
     return cfg.name or f"tune-{cfg.data.name}-{objective}-{digest}"
 
 
+def trial_resources(cfg: ExperimentConfig) -> tuple[float, float, str]:
+    """(CPUs, GPUs) one trial holds at once (its workers and its driver), and how to say so."""
+    t = cfg.train
+    what = (f"a trial ({t.workers} worker(s) x {t.cpus_per_worker:g} CPU + {DRIVER_CPUS:g} for its driver, "
+            f"{t.workers} x {t.gpus_per_worker:g} GPU)")
+    return t.workers * t.cpus_per_worker + DRIVER_CPUS, t.workers * t.gpus_per_worker, what
+
+
 def cluster_concurrency(cfg: ExperimentConfig) -> int:
-    """How many trials fit at once, from the cluster's resources; refuses requests the cluster cannot hold."""
+    """How many trials fit at once, from the cluster's resources (at least one: a cluster that cannot hold a trial yet
+    was refused before Ray started when local, and waits for its autoscaler when joined)."""
     import ray
 
     res = ray.cluster_resources()
-    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    t = cfg.train
-    need_gpu = t.workers * t.gpus_per_worker
-    if need_gpu > gpus:
-        raise OodrayError(f"a trial needs {need_gpu:g} GPUs ({t.workers} workers x {t.gpus_per_worker:g}) but the "
-                          f"cluster has {gpus:g}; lower --workers-per-trial/--gpus-per-worker or add GPU nodes")
-    need_cpu = t.workers * t.cpus_per_worker + DRIVER_CPUS
-    if need_cpu > cpus:
-        raise OodrayError(f"a trial needs {need_cpu:g} CPUs but the cluster has {cpus:g}; lower "
-                          "--workers-per-trial or train.cpus_per_worker")
-    by_cpu = math.floor(cpus / need_cpu)
-    by_gpu = math.floor(gpus / need_gpu) if need_gpu > 0 else by_cpu
+    need_cpu, need_gpu, what = trial_resources(cfg)
+    check_resources(need_cpu, need_gpu, what, available=res)
+    by_cpu = math.floor(res.get("CPU", 0.0) / need_cpu)
+    by_gpu = math.floor(res.get("GPU", 0.0) / need_gpu) if need_gpu > 0 else by_cpu
     return max(1, min(by_cpu, by_gpu))
 
 
@@ -113,10 +132,45 @@ def check_storage(storage: str) -> None:
                           "shared filesystem path mounted on every node or an s3:// / gs:// URI (--storage)")
 
 
-def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume: bool, max_depth: int) -> Any:
+@contextlib.contextmanager
+def _graceful_stop() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during the search: Tune stops its trials and saves its state (its own graceful stop, the one
+    SIGUSR1 triggers), then the run stops with KeyboardInterrupt instead of going on to evaluate a partial search.
+    A second signal stops at once."""
+    stopped: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if stopped or not callable(tune_stop):  # a second signal, or Tune's loop not running yet
+            raise KeyboardInterrupt
+        stopped.append(signum)
+        log.warning("stopping the search: Tune stops its trials and saves its state (signal again to stop at once)")
+        tune_stop(signum, frame)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours replaces Tune's, which would go on to the evaluation
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
+    if stopped:
+        raise KeyboardInterrupt
+
+
+def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume: bool, max_depth: int,
+           local_dir: Path) -> Any:
+    """Runs (or, with `resume`, restores) the Tuner; `exp_dir` is where Tune writes (maybe a URI), `local_dir` the
+    experiment's local directory (oodray's own files)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     pareto = cfg.tune.objective == "pareto"
@@ -124,7 +178,8 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
         tune.with_parameters(trial_driver, base=cfg.to_dict(), exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
     if resume:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-        return tuner.fit()
+        with _graceful_stop():
+            return tuner.fit()
     space = narrowed_space(cfg.tune.space)
     seed = cfg.train.seed
     if pareto:
@@ -136,9 +191,9 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
     scheduler = None
     if cfg.tune.scheduler == "asha":
-        scheduler = ASHAScheduler(metric="robust_accuracy" if pareto else "objective", mode="max", time_attr="epoch",
-                                  max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                                  reduction_factor=2)
+        scheduler = ResumableASHA(str(Path(local_dir) / SCHEDULER_STATE), metric="robust_accuracy" if pareto else
+                                  "objective", mode="max", time_attr="epoch", max_t=cfg.train.epochs,
+                                  grace_period=min(cfg.tune.grace_period, cfg.train.epochs), reduction_factor=2)
     concurrency = cfg.tune.max_concurrent or cluster_concurrency(cfg)
     log.info("search: %d trials, %d at a time, objective %s", cfg.tune.num_samples, concurrency, cfg.tune.objective)
     tuner = tune.Tuner(
@@ -148,7 +203,8 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
         run_config=tune.RunConfig(name=name, storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
-    return tuner.fit()
+    with _graceful_stop():
+        return tuner.fit()
 
 
 def final_evaluation(cfg: ExperimentConfig, exp_dir: Path) -> None:
@@ -189,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                  "final_top_k": args.final_top_k},
         "train": {"epochs": args.epochs, "workers": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker},
         "storage": args.storage, "name": args.name})
-    narrowed_space(cfg.tune.space)  # bad narrowing fails before anything starts
+    space = narrowed_space(cfg.tune.space)  # bad narrowing, or a value the config refuses, fails before anything starts
+    validate_space(cfg, space)
     storage = storage_uri(cfg.storage)
     name = experiment_name(cfg, cfg.tune.objective)
     safe_child(storage, name)  # a name may not climb out of the storage directory ('..', absolute)
@@ -197,34 +254,61 @@ def main(argv: list[str] | None = None) -> int:
     exp_uri = storage_join(storage, name) if is_uri(storage) else str(Path(storage) / name)
     exp_dir = Path(args.local_dir) / name if is_uri(storage) else Path(storage) / name
     found = exists(storage_join(exp_uri, "tuner.pkl")) if is_uri(storage) else (exp_dir / "tuner.pkl").exists()
-    if args.resume and not found:
+    started = (exists(storage_join(exp_uri, "oodray_config.json")) if is_uri(storage)
+               else (exp_dir / "oodray_config.json").exists())  # stopped before Tune started (e.g. in the cache build)
+    if args.resume and not (found or started):
         raise OodrayError(f"--resume: no experiment '{name}' under '{storage}' to resume (looked for {exp_uri})")
     taken = has_content(exp_uri) if is_uri(storage) else exp_dir.exists() and any(exp_dir.iterdir())
     if not args.resume and taken:
         raise OodrayError(f"experiment '{exp_uri}' already exists; pass --resume to continue it, or --name for a "
                           "new one (nothing was changed)")
     ensure_writable_dir(exp_dir, "local staging directory" if is_uri(storage) else "storage path")
+    if args.resume and started and not is_uri(storage):
+        saved = json.loads((exp_dir / "oodray_config.json").read_text())
+        if saved != cfg.to_dict():
+            diff = sorted(k for k, v in flatten(cfg.to_dict()).items() if flatten(saved).get(k) != v)
+            raise OodrayError(f"--resume: experiment '{exp_uri}' was started with another config ({', '.join(diff[:3])}"
+                              " differ); resume it with the same command, or pass --name for a new one")
+    need_cpu, need_gpu, what = trial_resources(cfg)
+    check_resources(need_cpu, need_gpu, what)  # the local machine, before Ray starts
     splits = load_dataset(cfg.data)  # bad data or a bad cached C fail here, before Ray starts or anything is written
     get_classifier(cfg, splits)  # train and cache C once, before trials share it
-    init_ray()
-    check_storage(storage)
-    cluster_concurrency(cfg)
-    if cfg.translator.gate:
-        log.info("gated translators: inputs under the Mahalanobis threshold skip T")
-    save_config(cfg, exp_dir, "oodray_config.json")
-    if is_uri(storage):
-        mirror_up(exp_dir, exp_uri, ["oodray_config.json"])
-    precompute_caches(cfg, narrowed_space(cfg.tune.space))
-    max_depth = int(math.log2(min(splits.info.image_size)))
-    t0 = time.time()
-    grid = search(cfg, exp_uri, storage, name, args.resume, max_depth)
-    errors = [r.error for r in grid if r.error]
-    if errors:
-        log.warning("%d trials failed; first error: %s", len(errors), errors[0])
-    log.info("search finished in %.0fs", time.time() - t0)
-    if is_uri(storage):
-        mirror_down(exp_uri, exp_dir)
-    final_evaluation(cfg, exp_dir)
+    arch_kind, archs = space["translator.arch"]
+    for arch in [archs] if arch_kind == "fixed" else archs:  # a translator the search may pick must exist and fit
+        build_translator(cfg.replace(**{"translator.arch": arch}).translator, splits.info.channels,
+                         splits.info.image_size)
+    resume_cmd = " ".join(["python -m oodray.tune", *map(shlex.quote, sys.argv[1:] if argv is None else argv),
+                           *([] if args.resume else ["--resume"])])
+    step = "starting Ray"
+    try:
+        init_ray()
+        check_storage(storage)
+        cluster_concurrency(cfg)
+        if cfg.translator.gate:
+            log.info("gated translators: inputs under the Mahalanobis threshold skip T")
+        save_config(cfg, exp_dir, "oodray_config.json")
+        if is_uri(storage):
+            mirror_up(exp_dir, exp_uri, ["oodray_config.json"])
+        step = "the oblivious-cache build"
+        precompute_caches(cfg, space)
+        max_depth = int(math.log2(min(splits.info.image_size)))
+        t0 = time.time()
+        step = "the search"
+        grid = search(cfg, exp_uri, storage, name, args.resume and found, max_depth, exp_dir)
+        errors = [r.error for r in grid if r.error]
+        if errors:
+            log.warning("%d trials failed; first error: %s", len(errors), errors[0])
+        log.info("search finished in %.0fs", time.time() - t0)
+        if is_uri(storage):
+            mirror_down(exp_uri, exp_dir)
+        if not load_trials(exp_dir):
+            raise RunFailed(f"no trial reported a result ({len(errors)} failed; first error: "
+                            f"{str(errors[0]).strip().splitlines()[-1] if errors else 'none'}); nothing to evaluate")
+        step = "the final AutoAttack evaluation"
+        final_evaluation(cfg, exp_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped during {step}; finished work is kept in {exp_uri}. Resume with: "
+                          f"{resume_cmd}") from None
     table = build_table(exp_dir)
     write_outputs(table, exp_dir)
     print(table.to_string(index=False))

@@ -359,3 +359,68 @@ def test_state_api_in_workers_finds_its_own_cluster_beside_another_ray(tmp_path)
         other.kill()
         other.wait()
     assert proc.returncode == 0 and "alive True" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- Ctrl-C / SIGTERM: a prompt stop, exit 130, nothing of ours left running, and a resume equal to no interruption ---
+
+SIGNAL_TUNE = ["-m", "oodray.tune", "--dataset", "synthetic", "--num-samples", "2", "--epochs", "2",
+               "--max-concurrent", "1", "--final-top-k", "1", "--set", "train.max_batches=3",
+               "--set", "train.proxy_examples=16", "--set", "train.cpus_per_worker=0.5", "--set", "eval.n_examples=16",
+               "--set", "eval.threat_models=[oblivious,adaptive]", "--set", "eval.shifts=false",
+               "--set", "attack.steps=3000",  # makes the oblivious-cache build last long enough to be interrupted
+               "--set", "tune.space={translator.width: [8], translator.blocks: [1], train.regime: [oblivious], "
+                        "attack.attacks: [pgd], attack.eps_mix: [eps]}"]
+
+
+def _interrupt(proc: subprocess.Popen, sig: int, timeout: float = 300) -> tuple[int, float, dict[int, str]]:
+    """Sends `sig` to the driver alone; returns its exit code, the seconds it took to exit, and the processes it had
+    started that were still running 60 s after it exited (they should all have stopped with it)."""
+    below = descendants(proc.pid)
+    t0 = time.time()
+    os.kill(proc.pid, sig)
+    rc = proc.wait(timeout=timeout)
+    return rc, time.time() - t0, reap(below, timeout=60)
+
+
+def _log_has(proc: subprocess.Popen, text: str) -> bool:
+    return text in Path(proc.log_path).read_text()
+
+
+def _comparable(table: pd.DataFrame) -> pd.DataFrame:
+    return table.drop(columns=["trial", "time s"]).reset_index(drop=True)  # ids and timings differ between runs
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_each_step_stops_promptly_and_resume_equals_an_uninterrupted_run(tmp_path):
+    """Ctrl-C (SIGINT) during the oblivious-cache build, SIGTERM during the search and Ctrl-C during the final
+    AutoAttack: each stops the run within seconds with exit 130 and a line saying where it stopped and the resume
+    command, leaves no process of its own behind, and the resumed experiment's table equals an uninterrupted run's."""
+    args = [*SIGNAL_TUNE, "--storage", str(tmp_path / "a"), "--name", "exp"]
+    exp = tmp_path / "a" / "exp"
+    steps = [("shards as Ray tasks", signal.SIGINT, "the oblivious-cache build", []),
+             ("a trial result", signal.SIGTERM, "the search", ["--resume"]),
+             ("final AutoAttack evaluation of", signal.SIGINT, "the final AutoAttack evaluation", ["--resume"])]
+    for k, (when, sig, where, extra) in enumerate(steps):
+        proc = spawn([*args, *extra], tmp_path / f"run{k}.log")
+        try:
+            if when == "a trial result":
+                wait_for(lambda: any(p.stat().st_size for p in exp.glob("*/result.json")), 600, when, proc, 0.2)
+            else:
+                wait_for(lambda p=proc, w=when: _log_has(p, w), 600, when, proc)
+            rc, seconds, left = _interrupt(proc, sig)
+        finally:
+            if proc.poll() is None:
+                kill_hard(proc)
+        out = _tail(proc)
+        assert rc == 130, out
+        assert f"stopped during {where}" in out and "--resume" in out, out
+        assert left == {}, f"still running after the driver exited: {left}"
+        print(f"{signal.Signals(sig).name} during {where}: exited in {seconds:.1f}s")
+    assert not (exp / "results.csv").exists()
+    resumed = spawn([*args, "--resume"], tmp_path / "resume.log")
+    assert resumed.wait(timeout=900) == 0, _tail(resumed)
+    reference = spawn([*SIGNAL_TUNE, "--storage", str(tmp_path / "b"), "--name", "exp"], tmp_path / "reference.log")
+    assert reference.wait(timeout=900) == 0, _tail(reference)
+    a, b = pd.read_csv(exp / "results.csv"), pd.read_csv(tmp_path / "b" / "exp" / "results.csv")
+    pd.testing.assert_frame_equal(_comparable(a), _comparable(b))
+    assert len(a) == 3  # two trials and the undefended classifier

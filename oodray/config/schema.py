@@ -10,6 +10,7 @@ from a config. Imports only the standard library, yaml-free; nothing here touche
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ OBJECTIVES = ("robust", "pareto")
 TRAIN_ATTACKS = ("pgd", "fgsm", "apgd-ce")
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not accepted; choose one of: {', '.join(choices)}")
 
@@ -60,6 +61,7 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in (0, 0.5)")
         _check_positive("data.image_size", self.image_size)
+        _check_positive("data.seed", self.seed, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,14 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("classifier.adversarial", self.adversarial, ("none", "pgd", "trades"))
+        check_choice("classifier.adversarial", self.adversarial, ("none", "pgd", "trades"))
         _check_positive("classifier.epochs", self.epochs, allow_zero=True)
         _check_positive("classifier.lr", self.lr)
         _check_positive("classifier.batch_size", self.batch_size)
+        _check_positive("classifier.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("classifier.adv_steps", self.adv_steps)
+        _check_positive("classifier.trades_beta", self.trades_beta, allow_zero=True)
+        _check_positive("classifier.seed", self.seed, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,20 @@ class TranslatorConfig:
 
     def __post_init__(self) -> None:
         if self.norm is not None:
-            _check_choice("translator.norm", self.norm, ("batch", "instance", "none"))
+            check_choice("translator.norm", self.norm, ("batch", "instance", "none"))
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"translator.dropout={self.dropout!r} must be in [0, 1)")
         if not 50.0 <= self.gate_percentile < 100.0:
             raise ConfigError(f"translator.gate_percentile={self.gate_percentile!r} must be in [50, 100)")
+        for key in ("width", "blocks"):
+            if getattr(self, key) is not None:
+                _check_positive(f"translator.{key}", getattr(self, key))
+        if self.downsamplings is not None:
+            _check_positive("translator.downsamplings", self.downsamplings, allow_zero=True)
+        if self.depth is not None:
+            if self.arch == "bitdepth" and not 1 <= self.depth <= 16:  # the bitdepth baseline's bits per channel
+                raise ConfigError(f"translator.depth={self.depth!r} (bits of the bitdepth baseline) must be in 1..16")
+            _check_positive("translator.depth", self.depth)
 
 
 LOSS_TERMS = ("pixel", "consistency", "ce", "feature", "identity", "clean_consistency", "gan")
@@ -122,7 +137,7 @@ class LossConfig:
     gan: float = 0.0  # PatchGAN adversarial term
 
     def __post_init__(self) -> None:
-        _check_choice("loss.pixel_kind", self.pixel_kind, ("l1", "l2"))
+        check_choice("loss.pixel_kind", self.pixel_kind, ("l1", "l2"))
         for name in LOSS_TERMS:
             _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
         if self.weights() == {}:
@@ -144,10 +159,10 @@ class AttackConfig:
     shift_fraction: float = 0.25  # part of each batch replaced by natural shifts (darker, blur, ...)
 
     def __post_init__(self) -> None:
-        _check_choice("attack.norm", self.norm, NORMS)
+        check_choice("attack.norm", self.norm, NORMS)
         check_eps("attack.eps", self.eps, self.norm)
         for a in self.attacks:
-            _check_choice("attack.attacks", a, TRAIN_ATTACKS)
+            check_choice("attack.attacks", a, TRAIN_ATTACKS)
         if not self.attacks:
             raise ConfigError("attack.attacks is empty; give at least one of: " + ", ".join(TRAIN_ATTACKS))
         for e in self.eps_mix:
@@ -177,13 +192,19 @@ class TrainConfig:
     max_batches: int | None = None  # cap on batches per epoch (tests, quick searches)
 
     def __post_init__(self) -> None:
-        _check_choice("train.regime", self.regime, REGIMES)
+        check_choice("train.regime", self.regime, REGIMES)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.lr", self.lr)
         _check_positive("train.workers", self.workers)
         _check_positive("train.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
         _check_positive("train.cpus_per_worker", self.cpus_per_worker)
         _check_positive("train.proxy_examples", self.proxy_examples)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.proxy_steps", self.proxy_steps)
+        _check_positive("train.max_failures", self.max_failures, allow_zero=True)
+        _check_positive("train.seed", self.seed, allow_zero=True)
+        if self.max_batches is not None:
+            _check_positive("train.max_batches", self.max_batches)
 
 
 @dataclass(frozen=True)
@@ -202,12 +223,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for t in self.threat_models:
-            _check_choice("eval.threat_models", t, THREAT_MODELS)
+            check_choice("eval.threat_models", t, THREAT_MODELS)
         for n in self.norms:
-            _check_choice("eval.norms", n, NORMS)
-        _check_choice("eval.version", self.version, AA_VERSIONS)
+            check_choice("eval.norms", n, NORMS)
+        check_choice("eval.version", self.version, AA_VERSIONS)
         _check_positive("eval.n_examples", self.n_examples)
         _check_positive("eval.shards", self.shards)
+        _check_positive("eval.batch_size", self.batch_size)
+        _check_positive("eval.cpus_per_task", self.cpus_per_task)
+        _check_positive("eval.gpus_per_task", self.gpus_per_task, allow_zero=True)
+        _check_positive("eval.seed", self.seed, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -222,10 +247,15 @@ class TuneConfig:
     space: dict[str, Any] = field(default_factory=dict)  # narrows/fixes the search space: {"translator.arch": ["unet"]}
 
     def __post_init__(self) -> None:
-        _check_choice("tune.objective", self.objective, OBJECTIVES)
-        _check_choice("tune.scheduler", self.scheduler, ("asha", "fifo"))
+        check_choice("tune.objective", self.objective, OBJECTIVES)
+        check_choice("tune.scheduler", self.scheduler, ("asha", "fifo"))
         _check_positive("tune.num_samples", self.num_samples)
         _check_positive("tune.final_top_k", self.final_top_k, allow_zero=True)
+        _check_positive("tune.grace_period", self.grace_period)
+        if self.max_concurrent is not None:
+            _check_positive("tune.max_concurrent", self.max_concurrent)
+        if not 0.0 <= self.min_clean_accuracy_drop <= 1.0:
+            raise ConfigError(f"tune.min_clean_accuracy_drop={self.min_clean_accuracy_drop!r} must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -241,6 +271,15 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def __post_init__(self) -> None:
+        """Checks that span sections: every evaluated norm/eps and the adversarial-training eps are valid radii."""
+        for norm in self.eval_norms():
+            check_choice("eval.norms", norm, NORMS)
+            for eps in self.eval_eps():
+                check_eps("eval.eps", eps, norm)
+        if self.classifier.adv_eps is not None:
+            check_eps("classifier.adv_eps", self.classifier.adv_eps, self.attack.norm)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -278,12 +317,37 @@ def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "cla
 
 
 def classifier_key(cfg: ExperimentConfig) -> str:
-    """The name of the fixed classifier this config trains (and of its cache directory)."""
-    c = cfg.classifier
-    key = f"{cfg.data.name}-{c.arch}-seed{c.seed}"
+    """The name of the fixed classifier this config trains (and of its cache directory): readable, then a digest of
+    every setting that changes C's weights (data split and size, every classifier.* key, the adversarial threat
+    model, and the content of a weights file), so a cached C is reused only by runs that would train the same one."""
+    c, d = cfg.classifier, cfg.data
+    adv_eps = c.adv_eps or cfg.attack.eps
+    src = {"data": {"name": d.name, "seed": d.seed, "val_fraction": d.val_fraction, "image_size": d.image_size},
+           "classifier": {**dataclasses.asdict(c), "weights": _file_digest(c.weights)},
+           "adversarial": {"norm": cfg.attack.norm, "eps": adv_eps} if c.adversarial != "none" else None}
+    digest = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:8]
+    key = f"{d.name}-{c.arch}-seed{c.seed}"
     if c.adversarial != "none":
-        key += f"-{c.adversarial}-{cfg.attack.norm}-eps{c.adv_eps or cfg.attack.eps:.4g}"
-    return key
+        key += f"-{c.adversarial}-{cfg.attack.norm}-eps{adv_eps:.4g}"
+    return f"{key}-{digest}"
+
+
+def _file_digest(path: str | None) -> str | None:
+    """sha256 of a weights file's bytes (the name when it is not a local file: a weights name, or not there yet)."""
+    if path is None or not Path(path).expanduser().is_file():
+        return path
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    return _sha256_file(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_file(path: str, size: int, mtime_ns: int) -> str:  # size and mtime key the cache: a changed file rehashes
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # --- plumbing ---------------------------------------------------------------------------------------------------

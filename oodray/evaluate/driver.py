@@ -28,7 +28,7 @@ from oodray.evaluate.plan import (
 from oodray.evaluate.sanity import sanity_checks
 from oodray.evaluate.tasks import attack_shard, clean_and_shifts
 from oodray.io import atomic_write_text, ensure_writable_dir
-from oodray.runtime import init_ray
+from oodray.runtime import init_ray_for
 from oodray.shifts import SEVERITIES, SHIFTS
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,9 @@ def _fan_out(inp: _Inputs, todo: list[_Job], done: dict[tuple[str, str, float], 
     and writes each result as soon as its shards are in."""
     import ray
 
-    init_ray()
     cfg, e, n = inp.cfg, inp.cfg.eval, len(inp.y)
-    if e.gpus_per_task > 0 and not ray.cluster_resources().get("GPU"):
-        log.warning("eval.gpus_per_task=%g but this Ray cluster has no GPU now: tasks wait until one joins",
-                    e.gpus_per_task)
+    init_ray_for(e.cpus_per_task, e.gpus_per_task, f"an evaluation task ({e.cpus_per_task:g} CPU, "
+                 f"{e.gpus_per_task:g} GPU)")
     opts = {"num_cpus": e.cpus_per_task, "num_gpus": e.gpus_per_task, "max_retries": MAX_RETRIES}
     c_ref, t_ref = ray.put(inp.classifier_state), ray.put(inp.translator_state)
     s_ref = ray.put(inp.surrogate_state) if inp.surrogate_state is not None else None

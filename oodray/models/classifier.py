@@ -7,6 +7,7 @@ the architecture and dataset metadata and the resolved config, and is loaded as 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from oodray.data import DatasetInfo
-from oodray.errors import CheckpointError
+from oodray.errors import CheckpointError, ConfigError
 from oodray.io import check_finite, load_checkpoint, save_checkpoint
 from oodray.registry import Registry
 
@@ -68,7 +69,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 @CLASSIFIERS.register("tiny_cnn")
-def tiny_cnn(info: DatasetInfo, weights: str | None = None) -> Classifier:
+def tiny_cnn(info: DatasetInfo) -> Classifier:
     net = nn.Sequential(
         nn.Conv2d(info.channels, 8, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(8 * 16, info.num_classes),
@@ -77,7 +78,7 @@ def tiny_cnn(info: DatasetInfo, weights: str | None = None) -> Classifier:
 
 
 @CLASSIFIERS.register("small_cnn")
-def small_cnn(info: DatasetInfo, weights: str | None = None) -> Classifier:
+def small_cnn(info: DatasetInfo) -> Classifier:
     """Two 3x3 conv layers with max-pooling and two linear layers; works on any input of at least 4x4."""
     c = info.channels
     net = nn.Sequential(
@@ -90,7 +91,7 @@ def small_cnn(info: DatasetInfo, weights: str | None = None) -> Classifier:
 
 
 @CLASSIFIERS.register("resnet18_cifar")
-def resnet18_cifar(info: DatasetInfo, weights: str | None = None) -> Classifier:
+def resnet18_cifar(info: DatasetInfo) -> Classifier:
     """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool)."""
     import torchvision
 
@@ -119,7 +120,15 @@ def resnet50(info: DatasetInfo, weights: str | None = None) -> Classifier:
 
 
 def build_classifier(arch: str, info: DatasetInfo, weights: str | None = None) -> Classifier:
-    return CLASSIFIERS.get(arch)(info, weights=weights)
+    """C by name; `weights` only for architectures that load them (never silently ignored)."""
+    builder = CLASSIFIERS.get(arch)
+    if weights is None:
+        return builder(info)
+    takers = [n for n in CLASSIFIERS.names() if "weights" in inspect.signature(CLASSIFIERS.get(n)).parameters]
+    if arch not in takers:
+        raise ConfigError(f"classifier.weights={weights!r} is given but the '{arch}' classifier loads no weights; "
+                          f"architectures that do: {', '.join(takers)}")
+    return builder(info, weights=weights)
 
 
 def save_classifier(model: Classifier, path: str | Path, config: dict[str, Any], metrics: dict[str, Any]) -> str:
