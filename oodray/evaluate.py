@@ -49,6 +49,7 @@ from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import NORMS, ExperimentConfig, _check_eps, flatten, load_yaml, parse_override
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, safe_child
+from oodray.progress import Progress
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT = "oodray.eval/1"
@@ -496,6 +497,7 @@ def _fan_out(inp: _Inputs, todo: list[_Job], done: dict[tuple[str, str, float], 
     log.info("submitted %d tasks: %d attack results x %d shards%s; %d examples to attack", len(pending), len(todo),
              len(ranges), " + clean/shifts" if on_clean else "", total)
     failures: list[str] = []
+    bar = Progress(f"AutoAttack {inp.meta['label']}", total=total, unit="img")  # progress (#17)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
         if not ready:
@@ -516,12 +518,14 @@ def _fan_out(inp: _Inputs, todo: list[_Job], done: dict[tuple[str, str, float], 
             continue
         job.parts.append(res)
         n_done, n_robust = n_done + len(res["robust"]), n_robust + sum(res["robust"])
+        bar.update(len(res["robust"]), robust=n_robust / n_done)  # progress (#17)
         log.info("%s [%d, %d) done in %.1fs: robust %d/%d | %d/%d examples attacked, robust so far %.4f",
                  result_name(*job.key), res["start"], res["stop"], res["seconds"], sum(res["robust"]),
                  len(res["robust"]), n_done, total, n_robust / n_done)
         if sum(len(r["robust"]) for r in job.parts) == n:
             done[job.key] = _merge(job, inp.meta, n)
             _write_result(job.path, done[job.key])
+    bar.close()  # progress (#17)
     if failures:
         raise EvaluationFailed(f"{len(failures)} evaluation task(s) failed (first: {failures[0]}); finished results "
                                "and AutoAttack state are kept: rerun the same command to resume")
@@ -669,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", help="name of this evaluation in every output (default: derived)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     if not args.verbose:
         logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its INFO lines repeat the settings per object
     eval_layer = {"threat_models": args.threat_models, "norms": args.norm, "eps": _floats(args.eps, "--eps"),

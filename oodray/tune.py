@@ -27,6 +27,7 @@ from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import ExperimentConfig, save_config
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import ensure_writable_dir, safe_child
+from oodray.progress import Progress, trial_table
 from oodray.storage import exists, has_content, is_uri, mirror_down, mirror_up
 from oodray.storage import join as storage_join
 
@@ -216,6 +217,7 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
     pareto = cfg.tune.objective == "pareto"
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=cfg.to_dict(), exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
+    live = trial_table("robust_accuracy" if pareto else "objective", "max")  # live table (#17), also for restore
     if resume:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         return tuner.fit()
@@ -240,7 +242,7 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=1), **live),
     )
     return tuner.fit()
 
@@ -255,7 +257,7 @@ def final_evaluation(cfg: ExperimentConfig, exp_dir: Path) -> None:
     jobs: list[tuple[ExperimentConfig, str | None, str]] = [
         (cfg.replace(**{"translator.arch": "identity"}), None, "undefended")]
     jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], f"trial-{t['trial_id']}") for t in top]
-    for job_cfg, ckpt, label in jobs:
+    for job_cfg, ckpt, label in Progress("final AutoAttack", len(jobs), "models").track(jobs):  # progress (#17)
         out = safe_child(exp_dir / "eval", label)  # trial ids come from files in the experiment directory
         if (out / "summary.json").exists():
             log.info("%s already evaluated; kept", label)
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the interrupted experiment of the same name")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     cfg = config_from_args(args, {
         "tune": {"objective": args.objective, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
                  "final_top_k": args.final_top_k},
@@ -327,15 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     if is_uri(storage):
         mirror_down(exp_uri, exp_dir)
     final_evaluation(cfg, exp_dir)
-    from oodray.results import RESULT_FILES, build_table, write_outputs
+    from oodray.results import RESULT_FILES, build_table, files_line, print_leaderboard, write_outputs
 
     table = build_table(exp_dir)
-    write_outputs(table, exp_dir)
-    print(table.to_string(index=False))
+    plots = write_outputs(table, exp_dir)
+    print_leaderboard(exp_dir, table)  # the leaderboard view (#17); results.md keeps every column
     if is_uri(storage):
         mirror_up(exp_dir, exp_uri, ["eval", *RESULT_FILES])
         print(f"\nexperiment: {exp_uri} (staged locally in {exp_dir})")
-    print(f"\nexperiment: {exp_dir}\nresults: {exp_dir / 'results.md'} (also .csv, .json, pareto.png)")
+    print(f"\nexperiment: {exp_dir}\n{files_line(exp_dir, plots)}")
     return 0
 
 

@@ -238,6 +238,8 @@ def test_live_table_knobs_are_the_ones_that_vary():
     assert varying_knobs(configs) == ["train.regime", "train.lr", "loss.pixel"]
     assert varying_knobs(configs, limit=2) == ["train.regime", "train.lr"]
     assert varying_knobs(configs[:1]) == ["translator.arch"]  # one trial: still a column, never all of them
+    conditional = [{"translator.arch": "unet", "translator.depth": 2}, {"translator.arch": "resnet"}]
+    assert varying_knobs(conditional) == ["translator.arch"]  # depth: not every trial has it
 
 
 def test_summarize_reads_the_merged_rows(tmp_path):
