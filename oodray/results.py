@@ -407,7 +407,8 @@ def rank_leaderboard(lb: pd.DataFrame) -> pd.DataFrame:
     lb = lb.drop(columns=["_k1", "_k2", "_k3"]).reset_index(drop=True)
     dup = lb.duplicated(GROUP + ["defence"], keep=False)  # the same name from two sources (e.g. two undefended)
     lb.loc[dup, "defence"] = lb.loc[dup, "source"] + ":" + lb.loc[dup, "defence"]
-    return lb.astype({"#": "Int64", "n": "Int64"})
+    ints = [c for c in ("#", "n", "depth", "width", "blocks", "downsamplings", "epochs") if c in lb]
+    return lb.astype({c: "Int64" for c in ints})  # whole numbers stay whole beside other rows' gaps
 
 
 def load_leaderboard(paths: list[str | Path]) -> pd.DataFrame:
@@ -472,7 +473,7 @@ def _fixed_width(cells: pd.DataFrame) -> str:
         if isinstance(v, float):
             if col == "compute":
                 return f"{v:.0f}" if v < 1e7 and v == int(v) else f"{v:.3g}"
-            return f"{v:.4f}"
+            return f"{v:.3g}" if col == "lr" else f"{v:.1f}" if col == "time s" else f"{v:.4f}"
         s = str(v)
         return s if len(s) <= MAX_NAME else s[:MAX_NAME - 1] + "~"
 
@@ -569,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         for d, plots in written:
             print(f"\n{files_line(d, plots)}")
     return 0
+
+
+def print_leaderboard(exp_dir: Path, table: pd.DataFrame) -> None:
+    """The default leaderboard of one experiment on stdout (what `python -m oodray.tune` ends with)."""
+    lb = rank_leaderboard(experiment_leaderboard(exp_dir, table))
+    print("\n" + render_leaderboard(lb, view_columns(lb)), end="")
 
 
 def files_line(exp_dir: Path, plots: list[Path]) -> str:

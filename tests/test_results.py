@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, assert_one_line_error, run_cli
 
+from oodray.cli import run
 from oodray.config import resolve_config
 from oodray.progress import Progress, set_quiet, varying_knobs
 from oodray.results import (
@@ -133,15 +134,13 @@ def test_result_files_keep_every_column_of_build_table(tmp_path):
     assert {f: (exp / f).read_bytes() for f in before} == before
 
 
-def test_wide_columns_sort_and_formats(tmp_path):
+def test_wide_columns_sort_and_formats(tmp_path, capsys):
     exp = make_experiment(tmp_path)
     lb = load_leaderboard([exp])
     wide = view_columns(lb, wide=True)
     assert wide[: len(LEADERBOARD)] == LEADERBOARD and {"depth", "blocks", "regime", "lr", "shift darker"} <= set(wide)
-    proc = run_cli("oodray.results", str(exp), "--columns", "defence,proxy,AA adaptive", "--sort", "proxy",
-                   "--format", "csv")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = pd.read_csv(io.StringIO(proc.stdout))
+    assert main([str(exp), "--columns", "defence,proxy,AA adaptive", "--sort", "proxy", "--format", "csv"]) == 0
+    rows = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert list(rows.columns) == ["dataset", "norm", "eps", "version", "n", "defence", "proxy", "AA adaptive"]
     trials = rows[rows["proxy"].notna()]
     assert list(trials["proxy"]) == sorted(trials["proxy"], reverse=True)
@@ -174,14 +173,26 @@ def test_merged_leaderboard_groups_by_dataset_and_threat_model(tmp_path, capsys)
     assert not (tmp_path / "evals" / "pgd-at" / "results.csv").exists()  # evaluation directories are only read
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
+def _exits_2(capsys, argv: list[str], *needles: str) -> None:
+    """In-process `python -m oodray.results ARGV` through the CLI wrapper: one error line, exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     exp = make_experiment(tmp_path)
-    assert_one_line_error(run_cli("oodray.results", str(exp), "--sort", "speed"), "--sort", "'speed'", "AA adaptive")
-    assert_one_line_error(run_cli("oodray.results", str(exp), "--columns", "defence,color"), "'color'", "proxy")
-    assert_one_line_error(run_cli("oodray.results", str(exp), "--format", "xml"), "'xml'", "table, md, csv, json")
+    _exits_2(capsys, [str(exp), "--sort", "speed"], "--sort", "'speed'", "AA adaptive")
+    _exits_2(capsys, [str(exp), "--columns", "defence,color"], "'color'", "proxy")
     (tmp_path / "plain").mkdir()
-    assert_one_line_error(run_cli("oodray.results", str(exp), str(tmp_path / "plain")), "not an oodray experiment",
-                          "summary.json")
+    _exits_2(capsys, [str(exp), str(tmp_path / "plain")], "not an oodray experiment", "summary.json")
+    # The real CLI process, once: nothing is read or written before the format is checked.
+    (exp / "results.csv").unlink()
+    assert_one_line_error(run_cli("oodray.results", str(exp), "--format", "xml"), "'xml'", "table, md, csv, json")
+    assert not (exp / "results.csv").exists()
 
 
 def test_plots_beside_pareto(tmp_path):
