@@ -1,5 +1,11 @@
 """Builds the defence x {clean, oblivious, adaptive, transfer, shifts} table of an experiment directory made by
-experiments/<dataset>.sh, from the evaluation summary.json files, as Markdown on stdout."""
+experiments/<dataset>.sh, from the evaluation summary.json files, as Markdown on stdout.
+
+    python experiments/summarize.py runs/digits-experiment > experiments/results/digits.md
+
+The rows are read by the results leaderboard (`oodray.results.summary_rows`, the same reader as
+`python -m oodray.results OUT/search OUT/eval/*`, which prints them ranked by threat model); this file keeps its
+own layout: one row per evaluation in path order, every threat model and shift as a column."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from oodray.config import flatten
+from oodray.results import THREATS, summary_rows
 
 
 def _differences(row_cfg: dict, search_cfg: dict) -> dict:
@@ -20,21 +27,28 @@ def _differences(row_cfg: dict, search_cfg: dict) -> dict:
             if not k.startswith(skip) and not k.startswith("tune.") and b.get(k, object()) != v}
 
 
+def _row(s: dict, label: str) -> dict:
+    """One evaluation as a wide row, from the leaderboard's per-threat-model rows of its summary.json. Columns: the
+    attacks in the summary's key order, then those the leaderboard fills (identity: oblivious = adaptive)."""
+    recs = summary_rows(s, label, "", "")
+    row = {"defence": label, "translator": s.get("translator"), "clean C": recs[0]["clean C"],
+           "clean C(T)": recs[0]["clean C(T)"]}
+    attacks = {f"{t}/{r['norm']}/{r['eps']:g}": r[f"AA {t}"] for r in recs for t in THREATS
+               if pd.notna(r.get(f"AA {t}"))}
+    for k in sorted(s.get("robust", {})) + sorted(set(attacks) - set(s.get("robust", {}))):
+        threat, rest = k.split("/", 1)
+        row[f"{threat} ({rest})"] = attacks[k]
+    row.update({k[len("shift "):]: v for k, v in recs[0].items() if k.startswith("shift ")})
+    return row
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rows, configs, tells = [], [], []
     summaries = sorted(out.glob("search/eval/*/summary.json")) + sorted(out.glob("eval/*/summary.json"))
     for path in summaries:
         s = json.loads(path.read_text())
-        row = {"defence": s.get("label", path.parent.name), "translator": s.get("translator"),
-               "clean C": s.get("clean_accuracy_classifier"), "clean C(T)": s.get("clean_accuracy_defended")}
-        for k, v in sorted(s.get("robust", {}).items()):
-            row[k.split("/")[0] + f" ({'/'.join(k.split('/')[1:])})"] = v
-        if s.get("translator") == "identity":  # no translator: the oblivious attacker is the adaptive one
-            for k in [k for k in row if k.startswith("adaptive (")]:
-                row.setdefault("oblivious" + k[len("adaptive"):], row[k])
-        for name, v in sorted((s.get("shifts") or {}).items()):
-            row[f"{name}"] = v["defended"]
+        row = _row(s, s.get("label", path.parent.name))
         rows.append(row)
         ckpt = s.get("checkpoint")
         if ckpt and Path(ckpt).is_absolute() and Path(ckpt).is_relative_to(Path.cwd()):

@@ -22,6 +22,7 @@ from oodray.config import ExperimentConfig
 from oodray.data import load_dataset, stack
 from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, save_checkpoint
 from oodray.models.classifier import classifier_from_state
+from oodray.progress import Progress
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 512
@@ -107,11 +108,13 @@ def build_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path) -> tuple
     task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="DEFAULT")(_generate_shard)
     pending = {task.remote(cfg.to_dict(), state_ref, s, e, str(d / f"shard-{sid}.pt")): (sid, s, e)
                for sid, s, e in todo}
+    bar = Progress("oblivious cache", total=sum(e - s for _, s, e in todo), unit="img")
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         sid, s, e = pending.pop(done[0])
         manifest["shards"][sid] = {"sha256": ray.get(done[0]), "start": s, "stop": e}
         atomic_write_text(d / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        bar.update(e - s)
     return d, len(todo)
 
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="retrain even if a cached classifier exists")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     cfg = config_from_args(args, {"classifier": {"arch": args.arch, "epochs": args.epochs, "seed": args.seed,
                                                  "adversarial": args.adversarial, "adv_eps": args.eps}})
     if cfg.classifier.adv_eps is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from oodray.config import ExperimentConfig, resolve_config
 from oodray.errors import Interrupted, OodrayError, RunFailed
+from oodray.progress import set_quiet
 
 
 def add_config_args(p: argparse.ArgumentParser, dataset_default: str | None = None) -> None:
@@ -26,6 +27,7 @@ def add_config_args(p: argparse.ArgumentParser, dataset_default: str | None = No
                    help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--data-dir", help="where datasets live (data.data_dir)")
     p.add_argument("--cache-dir", help="where fixed classifiers and attack caches live (default ~/.cache/oodray)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress lines")
 
 
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -42,7 +44,8 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
     return resolve_config(args.dataset, args.config, args.overrides, layer)
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    set_quiet(quiet)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

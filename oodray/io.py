@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -93,3 +94,23 @@ def safe_child(root: str | Path, name: str) -> Path:
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise OodrayError(f"name '{name}' must be a relative path inside '{root}' (no '..', not absolute)")
     return Path(root) / name
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file that oodray wrote; an unreadable or cut one is a one-line error naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise OodrayError(f"'{path}' is unreadable or not valid JSON ({e}); it was cut short or damaged") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (Tune's result.json); a line cut by an interruption is skipped."""
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows

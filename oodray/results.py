@@ -1,18 +1,26 @@
 """Results tables of a search experiment: ranked trials with their knobs, proxy and AutoAttack numbers, and plots.
 
-    python -m oodray.results runs/tune-digits-robust-<hash>
+    python -m oodray.results runs/tune-digits-robust-<hash>                 # the leaderboard (fits 120 columns)
+    python -m oodray.results runs/tune-digits-robust-<hash> --wide --sort proxy --format md
+    python -m oodray.results runs/digits-experiment/search runs/digits-experiment/eval/*   # merged, by threat model
     python -m oodray.results runs/EXP_A --compare runs/EXP_B
 
 Reads only plain files (Tune's per-trial `params.json`/`result.json`, the experiment's `oodray_config.json`,
-the Train checkpoints and the evaluation `summary.json`s), never unpickles anything, and writes `results.csv`,
-`results.md`, `results.json` and `pareto.png` (clean vs robust accuracy, trials vs the undefended classifier).
+the Train checkpoints and the evaluation `summary.json`s), never unpickles anything, and writes into each experiment
+`results.csv`, `results.md`, `results.json` (every column: knobs, proxy and AutoAttack numbers, per-shift accuracy)
+and the plots: `pareto.png` (clean vs robust accuracy), `shifts.png` (accuracy vs severity per shift, C vs C(T)),
+`robust-vs-eps.png` (when several eps were evaluated) and `robust-vs-compute.png` (when trials report compute).
+
+What it prints is a RobustBench-style leaderboard, a view of those files: one row per defence (searched trials, the
+undefended classifier, baselines evaluated into `<experiment>/eval/<name>/` or given as evaluation directories
+made by `python -m oodray.evaluate --out DIR`), ranked by adaptive AutoAttack robust accuracy where evaluated, else
+by the search's proxy, grouped by dataset and threat model (norm, eps, AutoAttack version, n) named in a header.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import glob
 from pathlib import Path
 from typing import Any
 
@@ -21,170 +29,242 @@ import pandas as pd
 from oodray.cli import run
 from oodray.config import ExperimentConfig
 from oodray.errors import ConfigError, OodrayError
-from oodray.io import atomic_write_text
-from oodray.models.translator import latest_checkpoint
-from oodray.search_space import trial_name, trial_overrides
+from oodray.io import read_json
+from oodray.plots import eval_summaries, plot_compute
 from oodray.storage import exists, is_uri, mirror_down, mirror_up
+from oodray.tables import (
+    KNOBS,
+    RESULT_FILES,
+    WEIGHTS,
+    build_table,
+    compare,
+    latest_checkpoint,
+    load_trials,
+    rank_trials,
+    write_tables,
+)
 
-RESULT_FILES = ["results.csv", "results.md", "results.json", "pareto.png"]
-KNOBS = ["translator.depth", "translator.width", "translator.blocks", "translator.downsamplings", "translator.norm",
-         "translator.residual", "train.regime", "train.lr"]
-WEIGHTS = ["loss.pixel", "loss.consistency", "loss.ce", "loss.feature", "loss.identity", "loss.clean_consistency",
-           "loss.gan"]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by an interruption
-    return rows
+__all__ = ["KNOBS", "RESULT_FILES", "WEIGHTS", "build_table", "compare", "files_line", "latest_checkpoint",
+           "load_leaderboard", "load_trials", "main", "print_leaderboard", "rank_trials", "render_leaderboard",
+           "write_outputs"]
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file of the experiment; an unreadable or cut one is a one-line error naming it."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise OodrayError(f"'{path}' is unreadable or not valid JSON ({e}); it was cut short or damaged") from None
+# --- the leaderboard: a view of the tables above, one row per defence, grouped by dataset and threat model ----------
+
+THREATS = ("adaptive", "oblivious", "transfer")
+GROUP = ["dataset", "norm", "eps", "version", "n"]
+# The default view fits 120 columns; its first accuracy column is the number that counts (adaptive AutoAttack).
+LEADERBOARD = ["#", "defence", "kind", "arch", "AA adaptive", "clean C(T)", "drop vs C", "AA oblivious",
+               "AA transfer", "shifts", "proxy", "compute"]
+# Knob columns of build_table shown by --wide, under their leaderboard names (translator.norm is 'norm' there).
+WIDE = {"depth": "depth", "width": "width", "blocks": "blocks", "downsamplings": "downsamplings", "norm": "norm layer",
+        "residual": "residual", "regime": "regime", "lr": "lr", "attacks": "attacks", "epochs": "epochs",
+        "time s": "time s"}
+# Training compute of a trial. The hook for compute accounting: a cumulative key in its last reported metrics wins
+# (first found); until one exists, the examples it trained on, summed over its epochs (train.py's `train_examples`).
+COMPUTE_KEYS = {"train_flops": "FLOPs", "compute": "compute"}
+MAX_NAME = 22  # names are cut to this in the table view so that it fits 120 columns
+LEGEND = "\n".join([
+    "AA: AutoAttack robust accuracy on the fixed test subset. adaptive: end to end through C(T(.)) (the number that "
+    "counts);",
+    "oblivious: crafted on C alone; transfer: crafted on an independent surrogate. drop vs C: clean C - clean C(T).",
+    "shifts: C(T) accuracy over the natural shifts, mean of severities 1-5. proxy: the search's PGD robust accuracy on",
+    "validation. Rank: adaptive AutoAttack where evaluated, else proxy. compute: training examples seen by the trial",
+    "(all epochs; FLOPs once trials report train_flops, see COMPUTE_KEYS; --wide shows the unit)."])
 
 
-def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:
-    """One record per Tune trial: params, resolved config, per-epoch history, last metrics, latest checkpoint."""
-    exp_dir = Path(exp_dir)
-    cfg_path = exp_dir / "oodray_config.json"
-    if not cfg_path.exists():
-        raise OodrayError(f"'{exp_dir}' is not an oodray experiment (no oodray_config.json)")
-    try:
-        base = ExperimentConfig.from_dict(_read_json(cfg_path))
-    except ConfigError as e:
-        raise ConfigError(f"'{cfg_path}': {e}") from None
-    trials = []
-    for params_file in sorted(exp_dir.glob("*/params.json")):
-        tdir = params_file.parent
-        history = _read_jsonl(tdir / "result.json")
-        if not history:
-            continue
-        params = _read_json(params_file)
-        trial_id = history[-1].get("trial_id") or tdir.name
-        cfg = base.replace(**trial_overrides(params, base))
-        trials.append({
-            "trial_id": trial_id, "params": params, "config": cfg.to_dict(), "history": history,
-            "metrics": history[-1], "checkpoint": latest_checkpoint(exp_dir / "train" / trial_name(trial_id)),
-        })
-    return trials
-
-
-def rank_trials(trials: list[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
-    def key(t: dict[str, Any]) -> tuple[float, float]:
-        m = t["metrics"]
-        first = m.get("robust_accuracy" if objective == "pareto" else "objective", -math.inf)
-        return (first if first is not None else -math.inf, m.get("clean_accuracy") or -math.inf)
-
-    return sorted(trials, key=key, reverse=True)
-
-
-def _eval_columns(summary: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"AA clean C": summary.get("clean_accuracy_classifier"),
-                           "AA clean C(T)": summary.get("clean_accuracy_defended")}
-    for k, v in sorted(summary.get("robust", {}).items()):
-        row[f"AA {k}"] = v
+def _row_base(summary: dict[str, Any], defence: str, kind: str, source: str) -> dict[str, Any]:
+    cfg = summary.get("config") or {}
+    c, ct = summary.get("clean_accuracy_classifier"), summary.get("clean_accuracy_defended")
     shifts = summary.get("shifts") or {}
-    if shifts:
-        row["shifts mean C(T)"] = sum(s["defended"] for s in shifts.values()) / len(shifts)
-        for name, s in sorted(shifts.items()):
-            row[f"shift {name}"] = s["defended"]
+    row = {"dataset": (cfg.get("data") or {}).get("name"), "version": summary.get("version"),
+           "n": summary.get("n_examples"), "defence": defence, "kind": kind, "arch": summary.get("translator"),
+           "source": source, "clean C": c, "clean C(T)": ct,
+           "drop vs C": c - ct if c is not None and ct is not None else None,
+           "shifts": sum(v["defended"] for v in shifts.values()) / len(shifts) if shifts else None}
+    row.update({f"shift {k}": v["defended"] for k, v in sorted(shifts.items())})
     return row
 
 
-def build_table(exp_dir: str | Path) -> pd.DataFrame:
-    """The ranked table: trials (best first) and the undefended classifier, one row each."""
-    exp_dir = Path(exp_dir)
-    base = _read_json(exp_dir / "oodray_config.json") if (exp_dir / "oodray_config.json").exists() else {}
-    objective = base.get("tune", {}).get("objective", "robust")
+def summary_rows(summary: dict[str, Any], defence: str, kind: str, source: str) -> list[dict[str, Any]]:
+    """Leaderboard rows of one evaluation `summary.json`: one per (norm, eps) it attacked."""
+    base = _row_base(summary, defence, kind, source)
+    by_tm: dict[tuple[str, float], dict[str, float]] = {}
+    for key, acc in (summary.get("robust") or {}).items():
+        threat, norm, eps = key.split("/")
+        by_tm.setdefault((norm, float(eps)), {})[threat] = acc
     rows = []
-    for rank, t in enumerate(rank_trials(load_trials(exp_dir), objective), 1):
-        cfg, m = ExperimentConfig.from_dict(t["config"]), t["metrics"]
-        d = cfg.to_dict()
-        row: dict[str, Any] = {"rank": rank, "trial": trial_name(t['trial_id']), "arch": cfg.translator.arch}
-        for k in KNOBS + WEIGHTS:
-            sec, key = k.split(".")
-            row[k.split(".")[1] if sec != "loss" else f"w_{key}"] = d[sec][key]
-        row["attacks"] = "+".join(cfg.attack.attacks)
-        row.update({"clean acc (proxy)": m.get("clean_accuracy"), "robust acc (proxy, adaptive PGD)":
-                    m.get("robust_accuracy"), "objective": m.get("objective"), "epochs": m.get("epoch"),
-                    "time s": round(m.get("time_total_s") or 0.0, 1)})
-        summary = exp_dir / "eval" / trial_name(t['trial_id']) / "summary.json"
-        if summary.exists():
-            row.update(_eval_columns(_read_json(summary)))
-        rows.append(row)
-    und = exp_dir / "eval" / "undefended" / "summary.json"
-    if und.exists():
-        summary = _read_json(und)
-        rows.append({"rank": None, "trial": "undefended", "arch": "identity", **_eval_columns(summary)})
-    if not rows:
-        raise OodrayError(f"experiment '{exp_dir}' has no finished trial results yet")
-    table = pd.DataFrame(rows)
-    ints = [c for c in ("rank", "depth", "width", "blocks", "downsamplings", "epochs") if c in table]
-    return table.astype({c: "Int64" for c in ints})  # whole numbers stay whole beside the undefended row's gaps
+    for (norm, eps), acc in by_tm.items():
+        if summary.get("translator") == "identity" and "adaptive" in acc:
+            acc.setdefault("oblivious", acc["adaptive"])  # no translator: the oblivious attacker is the adaptive one
+        rows.append({**base, "norm": norm, "eps": eps, **{f"AA {t}": acc.get(t) for t in THREATS}})
+    if not rows:  # a clean/shifts-only evaluation still belongs to its config's threat model
+        ev, at = (summary.get("config") or {}).get("eval") or {}, (summary.get("config") or {}).get("attack") or {}
+        rows.append({**base, "norm": (ev.get("norms") or [at.get("norm")])[0],
+                     "eps": float((ev.get("eps") or [at.get("eps")])[0])})
+    return rows
 
 
-def write_outputs(table: pd.DataFrame, out_dir: str | Path) -> None:
-    out = Path(out_dir)
-    atomic_write_text(out / "results.csv", table.to_csv(index=False))
-    cells = table.astype(object).where(table.notna(), None)  # gaps (undefended row, other arch's knobs) stay blank
-    atomic_write_text(out / "results.md", cells.to_markdown(index=False, floatfmt=".4f", missingval=""))
-    atomic_write_text(out / "results.json", table.to_json(orient="records", indent=1))
-    plot_pareto(table, out / "pareto.png")
+def _compute(history: list[dict[str, Any]]) -> tuple[float | None, str | None]:
+    """(training compute of a trial, its unit) from its reported metrics; (None, None) when nothing reports it."""
+    last = history[-1] if history else {}
+    for key, unit in COMPUTE_KEYS.items():
+        if last.get(key) is not None:
+            return float(last[key]), unit
+    per_epoch = {m.get("epoch"): m["train_examples"] for m in history if m.get("train_examples") is not None}
+    return (float(sum(per_epoch.values())), "training examples") if per_epoch else (None, None)
 
 
-def _robust_column(table: pd.DataFrame) -> str | None:
-    cols = [c for c in table.columns if c.startswith("AA adaptive/")]
-    return cols[0] if cols else None
+def experiment_leaderboard(exp_dir: str | Path, table: pd.DataFrame) -> pd.DataFrame:
+    """Every row of an experiment (its `build_table` plus the baselines under eval/): trials with their knobs,
+    proxy and compute, the undefended classifier and baselines, one row per threat model they were attacked with."""
+    exp_dir = Path(exp_dir)
+    cfg = ExperimentConfig.from_dict(read_json(exp_dir / "oodray_config.json"))
+    histories = {f"trial-{t['trial_id']}": t["history"] for t in load_trials(exp_dir)}
+    summaries = eval_summaries(exp_dir) if (exp_dir / "eval").is_dir() else {}
+    rows: list[dict[str, Any]] = []
+    for _, r in table[table["trial"] != "undefended"].iterrows():
+        knobs = {name: r.get(k) for k, name in WIDE.items() if k in r and pd.notna(r.get(k))}
+        compute, unit = _compute(histories.get(r["trial"], []))
+        extra = {**knobs, "proxy": r.get("robust acc (proxy, adaptive PGD)"), "objective": r.get("objective"),
+                 "compute": compute, "compute unit": unit}
+        if r["trial"] in summaries:
+            rows += [{**row, **extra} for row in summary_rows(summaries[r["trial"]], r["trial"], "trial", exp_dir.name)]
+        else:  # not evaluated with AutoAttack: ranked by its proxy, in the experiment's main threat model
+            rows.append({"dataset": cfg.data.name, "norm": cfg.eval_norms()[0], "eps": float(cfg.eval_eps()[0]),
+                         "version": cfg.eval.version, "n": cfg.eval.n_examples, "defence": r["trial"], "kind": "trial",
+                         "arch": r.get("arch"), "source": exp_dir.name, **extra})
+    for label, summary in summaries.items():
+        if not label.startswith("trial-"):
+            rows += summary_rows(summary, label, "undefended" if label == "undefended" else "baseline", exp_dir.name)
+    return pd.DataFrame(rows)
 
 
-def plot_pareto(table: pd.DataFrame, path: Path) -> None:
-    """Clean vs robust accuracy: AutoAttack adaptive where evaluated, else the proxy; undefended as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    trials = table[table["trial"] != "undefended"]
-    ax.scatter(trials["clean acc (proxy)"], trials["robust acc (proxy, adaptive PGD)"], c="tab:blue",
-               label="trials (proxy: PGD end to end, validation)")
-    rc = _robust_column(table)
-    if rc:
-        ev = table[table[rc].notna()]
-        ax.scatter(ev["AA clean C(T)"], ev[rc], marker="s", c=["tab:red" if t == "undefended" else "tab:green"
-                                                              for t in ev["trial"]], s=60)
-        for _, r in ev.iterrows():
-            ax.annotate(r["trial"], (r["AA clean C(T)"], r[rc]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.scatter([], [], marker="s", c="tab:green", label=f"{rc} (test subset)")
-        ax.scatter([], [], marker="s", c="tab:red", label="undefended classifier")
-    ax.set_xlabel("clean accuracy")
-    ax.set_ylabel("robust accuracy")
-    ax.set_title("clean vs robust accuracy (adaptive attacker)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+def eval_dir_leaderboard(eval_dir: str | Path) -> pd.DataFrame:
+    """The rows of a plain evaluation directory (`python -m oodray.evaluate --out DIR`)."""
+    summary = read_json(Path(eval_dir) / "summary.json")
+    label = summary.get("label") or Path(eval_dir).name
+    return pd.DataFrame(summary_rows(summary, label, "undefended" if label == "undefended" else "baseline",
+                                     Path(eval_dir).name))
 
 
-def compare(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -> pd.DataFrame:
-    """Best trial and undefended row of two experiments side by side."""
-    def pick(t: pd.DataFrame) -> pd.DataFrame:
-        return pd.concat([t[t["trial"] != "undefended"].head(1), t[t["trial"] == "undefended"]])
+def rank_leaderboard(lb: pd.DataFrame) -> pd.DataFrame:
+    """Ranks within each (dataset, threat model) group: adaptive AutoAttack where evaluated, then by proxy."""
+    lb = lb.copy()
+    for col in ["AA adaptive", "clean C(T)", "proxy", "compute", "compute unit"]:
+        if col not in lb:
+            lb[col] = None
+    evaluated = lb["AA adaptive"].notna()
+    lb["_k1"] = evaluated.astype(int)
+    lb["_k2"] = lb["AA adaptive"].where(evaluated, lb["proxy"]).astype(float).fillna(-1.0)
+    lb["_k3"] = lb["clean C(T)"].astype(float).fillna(-1.0)
+    lb = lb.sort_values(["dataset", "norm", "eps", "_k1", "_k2", "_k3"], ascending=[True, True, True, False, False,
+                                                                                     False], kind="stable")
+    lb["#"] = lb.groupby(GROUP, dropna=False).cumcount() + 1
+    lb = lb.drop(columns=["_k1", "_k2", "_k3"]).reset_index(drop=True)
+    dup = lb.duplicated(GROUP + ["defence"], keep=False)  # the same name from two sources (e.g. two undefended)
+    lb.loc[dup, "defence"] = lb.loc[dup, "source"] + ":" + lb.loc[dup, "defence"]
+    ints = [c for c in ("#", "n", "depth", "width", "blocks", "downsamplings", "epochs") if c in lb]
+    return lb.astype({c: "Int64" for c in ints})  # whole numbers stay whole beside other rows' gaps
 
-    return pd.concat([pick(a).assign(experiment=name_a), pick(b).assign(experiment=name_b)], ignore_index=True)
+
+def load_leaderboard(paths: list[str | Path]) -> pd.DataFrame:
+    """The merged, ranked leaderboard of experiments and evaluation directories."""
+    frames = []
+    for p in paths:
+        p = Path(p)
+        if (p / "oodray_config.json").exists():
+            frames.append(experiment_leaderboard(p, build_table(p)))
+        elif (p / "summary.json").exists():
+            frames.append(eval_dir_leaderboard(p))
+        else:
+            raise OodrayError(f"'{p}' is not an oodray experiment (no oodray_config.json) nor an evaluation "
+                              "directory (no summary.json)")
+    return rank_leaderboard(pd.concat(frames, ignore_index=True))
+
+
+def view_columns(lb: pd.DataFrame, wide: bool = False, columns: str | None = None) -> list[str]:
+    """The columns shown: the default LEADERBOARD, + knobs with --wide, or exactly --columns (names checked)."""
+    known = list(lb.columns)
+    if columns:
+        asked = [c.strip() for c in columns.split(",") if c.strip()]
+        bad = [c for c in asked if c not in known]
+        if bad:
+            raise ConfigError(f"--columns: unknown column '{bad[0]}'; known: {', '.join(known)}")
+        return asked
+    cols = list(LEADERBOARD)
+    if wide:
+        cols += [c for c in [*WIDE.values(), "objective", "compute unit"] if c in lb.columns]
+        cols += sorted(c for c in lb if c.startswith("shift "))
+    return cols
+
+
+def sort_leaderboard(lb: pd.DataFrame, sort: str | None) -> pd.DataFrame:
+    """--sort COL: highest first for numbers (lowest first for '#'), A-Z for names; rank numbers stay."""
+    if not sort:
+        return lb
+    known = list(lb.columns)
+    if sort not in known:
+        raise ConfigError(f"--sort: unknown column '{sort}'; known: {', '.join(known)}")
+    ascending = sort == "#" or not pd.api.types.is_numeric_dtype(lb[sort].dropna().infer_objects())
+    return lb.sort_values([*GROUP, sort], ascending=[True] * len(GROUP) + [ascending], kind="stable",
+                          na_position="last").reset_index(drop=True)
+
+
+def group_title(key: tuple[Any, ...], sources: list[str]) -> str:
+    dataset, norm, eps, version, n = key
+    title = f"{dataset} | threat model {norm} eps {eps:g} | AutoAttack {version} | n={n} test images | "
+    rest = ", ".join(sources)
+    return title + (rest if len(title + rest) <= 120 else rest[:117 - len(title)] + "...")
+
+
+FORMATS = ("table", "md", "csv", "json")
+
+
+def _fixed_width(cells: pd.DataFrame) -> str:
+    """A plain terminal table: two-line headers ('AA' over 'adaptive'), numbers right-aligned with 4 decimals, names
+    cut to MAX_NAME, two spaces between columns; blank cells stay blank."""
+    def text(v: Any, col: str) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            if col == "compute":
+                return f"{v:.0f}" if v < 1e7 and v == int(v) else f"{v:.3g}"
+            return f"{v:.3g}" if col == "lr" else f"{v:.1f}" if col == "time s" else f"{v:.4f}"
+        s = str(v)
+        return s if len(s) <= MAX_NAME else s[:MAX_NAME - 1] + "~"
+
+    cols = []
+    for c in cells.columns:
+        vals = [v for v in cells[c] if v is not None]
+        numeric = bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+        top, bottom = c.split(" ", 1) if " " in c and len(c) > 6 else ("", c)
+        body = [text(v, c) for v in cells[c]]
+        w = max(len(top), len(bottom), *(len(b) for b in body))
+        just = str.rjust if numeric else str.ljust
+        cols.append([just(top, w), just(bottom, w), "-" * w, *(just(b, w) for b in body)])
+    return "\n".join("  ".join(col[i] for col in cols).rstrip() for i in range(len(cols[0]))).lstrip("\n")
+
+
+def render_leaderboard(lb: pd.DataFrame, columns: list[str], fmt: str = "table") -> str:
+    """The leaderboard as text: per group a header line naming the threat model, then the table (table, md); one
+    flat table with the group columns first (csv, json)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not accepted; choose one of: {', '.join(FORMATS)}")
+    if fmt in ("csv", "json"):
+        flat = lb[GROUP + [c for c in columns if c not in GROUP]]
+        return flat.to_csv(index=False) if fmt == "csv" else flat.to_json(orient="records", indent=1) + "\n"
+    out = []
+    for key, g in lb.groupby(GROUP, sort=False, dropna=False):
+        cells = g[columns].astype(object).where(g[columns].notna(), None)
+        title = group_title(key, list(dict.fromkeys(g["source"])))
+        if fmt == "md":
+            out.append(f"## {title}\n\n{cells.to_markdown(index=False, floatfmt='.4f', missingval='')}\n")
+        else:
+            out.append(f"{title}\n\n{_fixed_width(cells)}\n")
+    if fmt == "table":
+        out.append(LEGEND + "\n")
+    return "\n".join(out)
 
 
 def _local(experiment: str, local_dir: str) -> Path:
@@ -198,27 +278,81 @@ def _local(experiment: str, local_dir: str) -> Path:
     return Path(experiment)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m oodray.results", description=__doc__.split("\n")[0])
-    p.add_argument("experiment", help="experiment directory (storage/name), or its s3:// / gs:// / file:// URI")
-    p.add_argument("--local-dir", default="runs", help="where a URI experiment is mirrored to")
-    p.add_argument("--compare", help="a second experiment directory to compare with")
-    args = p.parse_args(argv)
-    exp = _local(args.experiment, args.local_dir)
-    table = build_table(exp)
+def _expand(paths: list[str]) -> list[str]:
+    """Quoted globs are expanded here (the shell expands unquoted ones); URIs pass through."""
+    out: list[str] = []
+    for p in paths:
+        hits = sorted(glob.glob(p)) if not is_uri(p) and any(ch in p for ch in "*?[") else []
+        out += hits or [p]
+    return out
+
+
+def write_outputs(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Every results file of an experiment (see `tables.write_tables`) and, once its trials report training compute,
+    robust-vs-compute.png; returns the plots written."""
+    out = Path(out_dir)
+    plots = write_tables(table, out)
+    if (out / "oodray_config.json").exists():
+        lb = experiment_leaderboard(out, table)
+        trials = lb[lb["compute"].notna() & (lb["kind"] == "trial")]
+        if len(trials):
+            plot_compute(trials, out / "robust-vs-compute.png")
+            plots.append(out / "robust-vs-compute.png")
+    return plots
+
+
+def _write(table: pd.DataFrame, exp: Path) -> list[Path]:
     try:
-        write_outputs(table, exp)
+        return write_outputs(table, exp)
     except OSError as e:
         target = e.filename2 or e.filename  # os.replace(tmp, target) names the target second
         raise OodrayError(f"cannot write the results into '{exp}' ({e.strerror or e}: '{target}')") from None
-    if is_uri(args.experiment):
-        mirror_up(exp, args.experiment, RESULT_FILES)
-    print(table.to_string(index=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m oodray.results", description=__doc__.split("\n")[0])
+    p.add_argument("experiment", nargs="+", help="experiment directories (storage/name) or their s3:// / gs:// / "
+                   "file:// URIs, and evaluation directories (python -m oodray.evaluate --out DIR); globs accepted")
+    p.add_argument("--wide", action="store_true", help="also show the knobs and per-shift accuracy")
+    p.add_argument("--columns", help="exactly these columns, comma-separated (names as in --wide)")
+    p.add_argument("--sort", help="column to order rows by within each threat model (default: the rank '#')")
+    p.add_argument("--format", default="table", help=f"output: {' | '.join(FORMATS)} (default table)")
+    p.add_argument("--local-dir", default="runs", help="where a URI experiment is mirrored to")
+    p.add_argument("--compare", help="a second experiment directory to compare with")
+    args = p.parse_args(argv)
+    if args.format not in FORMATS:  # checked before anything is read or written
+        raise ConfigError(f"--format {args.format!r} is not accepted; choose one of: {', '.join(FORMATS)}")
+    dirs, written = [], []
+    for name in _expand(args.experiment):
+        d = _local(name, args.local_dir)
+        dirs.append(d)
+        if not (d / "oodray_config.json").exists():
+            continue  # an evaluation directory: read only
+        written.append((d, _write(build_table(d), d)))
+        if is_uri(name):
+            mirror_up(d, name, RESULT_FILES)
+    lb = load_leaderboard(dirs)
+    columns = view_columns(lb, args.wide, args.columns)
+    print(render_leaderboard(sort_leaderboard(lb, args.sort), columns, args.format), end="")
     if args.compare:
         other = _local(args.compare, args.local_dir)
-        print("\n" + compare(table, build_table(other), exp.name, other.name).to_string(index=False))
-    print(f"\nwrote {exp / 'results.csv'}, results.md, results.json, pareto.png")
+        print("\n" + compare(build_table(dirs[0]), build_table(other), dirs[0].name, other.name).to_string(index=False))
+    if args.format == "table":
+        for d, plots in written:
+            print(f"\n{files_line(d, plots)}")
     return 0
+
+
+def print_leaderboard(exp_dir: Path, table: pd.DataFrame) -> None:
+    """The default leaderboard of one experiment on stdout (what `python -m oodray.tune` ends with)."""
+    lb = rank_leaderboard(experiment_leaderboard(exp_dir, table))
+    print("\n" + render_leaderboard(lb, view_columns(lb)), end="")
+
+
+def files_line(exp_dir: Path, plots: list[Path]) -> str:
+    """Where the full table and the plots of an experiment are (the CLIs' last lines)."""
+    return (f"results: {exp_dir / 'results.md'} (every column; also results.csv, results.json)\n"
+            f"plots: {', '.join(str(p) for p in plots)}")
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="run name (default: derived from the config, so a re-run resumes)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     cfg = config_from_args(args, {"train": {"workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
                                             "cpus_per_worker": args.cpus_per_worker, "epochs": args.epochs},
                                   "storage": args.storage, "name": args.name})

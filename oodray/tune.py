@@ -39,7 +39,16 @@ from oodray.evaluate import run_evaluation
 from oodray.fixed_classifier import classifier_path, get_classifier
 from oodray.io import ensure_writable_dir, safe_child
 from oodray.models.translator import build_translator
-from oodray.results import RESULT_FILES, build_table, load_trials, rank_trials, write_outputs
+from oodray.progress import Progress, trial_table
+from oodray.results import (
+    RESULT_FILES,
+    build_table,
+    files_line,
+    load_trials,
+    print_leaderboard,
+    rank_trials,
+    write_outputs,
+)
 from oodray.runtime import check_resources, init_ray
 from oodray.schedulers import ResumableASHA
 from oodray.search_space import (
@@ -176,6 +185,7 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
     pareto = cfg.tune.objective == "pareto"
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=cfg.to_dict(), exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
+    live = trial_table("robust_accuracy" if pareto else "objective", "max")  # also for restore
     if resume:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         with _graceful_stop():
@@ -201,7 +211,7 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=1), **live),
     )
     with _graceful_stop():
         return tuner.fit()
@@ -214,7 +224,7 @@ def final_evaluation(cfg: ExperimentConfig, exp_dir: Path) -> None:
     jobs: list[tuple[ExperimentConfig, str | None, str]] = [
         (cfg.replace(**{"translator.arch": "identity"}), None, "undefended")]
     jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], trial_name(t['trial_id'])) for t in top]
-    for job_cfg, ckpt, label in jobs:
+    for job_cfg, ckpt, label in Progress("final AutoAttack", len(jobs), "models").track(jobs):
         out = safe_child(exp_dir / "eval", label)  # trial ids come from files in the experiment directory
         if (out / "summary.json").exists():
             log.info("%s already evaluated; kept", label)
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the interrupted experiment of the same name")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     cfg = config_from_args(args, {
         "tune": {"objective": args.objective, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
                  "final_top_k": args.final_top_k},
@@ -310,12 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         raise Interrupted(f"stopped during {step}; finished work is kept in {exp_uri}. Resume with: "
                           f"{resume_cmd}") from None
     table = build_table(exp_dir)
-    write_outputs(table, exp_dir)
-    print(table.to_string(index=False))
+    plots = write_outputs(table, exp_dir)
+    print_leaderboard(exp_dir, table)  # results.md keeps every column
     if is_uri(storage):
         mirror_up(exp_dir, exp_uri, ["eval", *RESULT_FILES])
         print(f"\nexperiment: {exp_uri} (staged locally in {exp_dir})")
-    print(f"\nexperiment: {exp_dir}\nresults: {exp_dir / 'results.md'} (also .csv, .json, pareto.png)")
+    print(f"\nexperiment: {exp_dir}\n{files_line(exp_dir, plots)}")
     return 0
 
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", help="name of this evaluation in every output (default: derived)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     if not args.verbose:
         logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its INFO lines repeat the settings per object
     eval_layer = {"threat_models": args.threat_models, "norms": args.norm, "eps": _floats(args.eps, "--eps"),

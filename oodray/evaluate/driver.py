@@ -28,6 +28,7 @@ from oodray.evaluate.plan import (
 from oodray.evaluate.sanity import sanity_checks
 from oodray.evaluate.tasks import attack_shard, clean_and_shifts
 from oodray.io import atomic_write_text, ensure_writable_dir
+from oodray.progress import Progress
 from oodray.runtime import init_ray_for
 from oodray.shifts import SEVERITIES, SHIFTS
 
@@ -111,6 +112,7 @@ def _fan_out(inp: _Inputs, todo: list[_Job], done: dict[tuple[str, str, float], 
     log.info("submitted %d tasks: %d attack results x %d shards%s; %d examples to attack", len(pending), len(todo),
              len(ranges), " + clean/shifts" if on_clean else "", total)
     failures: list[str] = []
+    bar = Progress(f"AutoAttack {inp.meta['label']}", total=total, unit="img")
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
         if not ready:
@@ -131,12 +133,14 @@ def _fan_out(inp: _Inputs, todo: list[_Job], done: dict[tuple[str, str, float], 
             continue
         job.parts.append(res)
         n_done, n_robust = n_done + len(res["robust"]), n_robust + sum(res["robust"])
+        bar.update(len(res["robust"]), robust=n_robust / n_done)
         log.info("%s [%d, %d) done in %.1fs: robust %d/%d | %d/%d examples attacked, robust so far %.4f",
                  result_name(*job.key), res["start"], res["stop"], res["seconds"], sum(res["robust"]),
                  len(res["robust"]), n_done, total, n_robust / n_done)
         if sum(len(r["robust"]) for r in job.parts) == n:
             done[job.key] = _merge(job, inp.meta, n)
             _write_result(job.path, done[job.key])
+    bar.close()
     if failures:
         raise EvaluationFailed(f"{len(failures)} evaluation task(s) failed (first: {failures[0]}); finished results "
                                "and AutoAttack state are kept: rerun the same command to resume")
