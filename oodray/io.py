@@ -6,11 +6,13 @@ carries objects other than tensors and plain containers, and turns truncated/cor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +98,41 @@ def safe_child(root: str | Path, name: str) -> Path:
     return Path(root) / name
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file that oodray wrote; an unreadable or cut one is a one-line error naming it."""
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object that oodray wrote; an unreadable, cut or otherwise shaped one is a one-line error naming it."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise OodrayError(f"'{path}' is unreadable or not valid JSON ({e}); it was cut short or damaged") from None
+    if not isinstance(obj, dict):
+        raise OodrayError(f"'{path}' holds a JSON {type(obj).__name__}, not the object oodray writes there; it was "
+                          "damaged or written by something else")
+    return obj
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Interprets the content of a file oodray wrote: a missing field or a value of the wrong type inside it is a
+    one-line error naming the file (never a KeyError traceback far from it)."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        if isinstance(e, OodrayError):
+            raise
+        raise OodrayError(f"'{path}' does not have the fields oodray writes there ({type(e).__name__}: {e}); it was "
+                          "damaged or written by something else") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (Tune's result.json); a line cut by an interruption is skipped."""
+    """The records of a JSON-lines file (Tune's result.json); a line cut by an interruption is skipped, and so is a
+    line that is not a JSON object."""
     rows = []
     if Path(path).exists():
         for line in Path(path).read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows

@@ -10,12 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from oodray.io import read_json
-
-
-def eval_summaries(exp_dir: Path) -> dict[str, dict[str, Any]]:
-    """Evaluation label -> summary.json of every evaluation under <exp>/eval/ (trials, undefended, baselines)."""
-    return {p.parent.name: read_json(p) for p in sorted((exp_dir / "eval").glob("*/summary.json"))}
+from oodray.summaries import eval_summaries, read_shifts
 
 
 def _robust_column(table: pd.DataFrame) -> str | None:
@@ -32,8 +27,9 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     trials = table[table["trial"] != "undefended"]
-    ax.scatter(trials["clean acc (proxy)"], trials["robust acc (proxy, adaptive PGD)"], c="tab:blue",
-               label="trials (proxy: PGD end to end, validation)")
+    if len(trials):  # an experiment whose search finished no trial still plots its undefended classifier
+        ax.scatter(trials["clean acc (proxy)"], trials["robust acc (proxy, adaptive PGD)"], c="tab:blue",
+                   label="trials (proxy: PGD end to end, validation)")
     rc = _robust_column(table)
     if rc:
         ev = table[table[rc].notna()]
@@ -92,7 +88,7 @@ def plot_extras(exp_dir: Path) -> list[Path]:
         _save(fig, exp_dir / "robust-vs-eps.png")
         written.append(exp_dir / "robust-vs-eps.png")
     # Accuracy vs shift severity, per shift: C (dashed) against each evaluated defence's C(T).
-    per = {label: read_json(exp_dir / "eval" / label / "shifts.json")["shifts"] for label in summaries
+    per = {label: read_shifts(exp_dir / "eval" / label / "shifts.json") for label in summaries
            if (exp_dir / "eval" / label / "shifts.json").exists()}
     if per:
         names = sorted({n for v in per.values() for n in v})

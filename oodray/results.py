@@ -30,8 +30,10 @@ from oodray.cli import run
 from oodray.config import ExperimentConfig
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import read_json
-from oodray.plots import eval_summaries, plot_compute
+from oodray.plots import plot_compute
+from oodray.search_space import trial_name
 from oodray.storage import exists, is_uri, mirror_down, mirror_up
+from oodray.summaries import eval_summaries, read_summary
 from oodray.tables import (
     KNOBS,
     RESULT_FILES,
@@ -120,7 +122,7 @@ def experiment_leaderboard(exp_dir: str | Path, table: pd.DataFrame) -> pd.DataF
     proxy and compute, the undefended classifier and baselines, one row per threat model they were attacked with."""
     exp_dir = Path(exp_dir)
     cfg = ExperimentConfig.from_dict(read_json(exp_dir / "oodray_config.json"))
-    histories = {f"trial-{t['trial_id']}": t["history"] for t in load_trials(exp_dir)}
+    histories = {trial_name(t["trial_id"]): t["history"] for t in load_trials(exp_dir)}
     summaries = eval_summaries(exp_dir) if (exp_dir / "eval").is_dir() else {}
     rows: list[dict[str, Any]] = []
     for _, r in table[table["trial"] != "undefended"].iterrows():
@@ -142,7 +144,7 @@ def experiment_leaderboard(exp_dir: str | Path, table: pd.DataFrame) -> pd.DataF
 
 def eval_dir_leaderboard(eval_dir: str | Path) -> pd.DataFrame:
     """The rows of a plain evaluation directory (`python -m oodray.evaluate --out DIR`)."""
-    summary = read_json(Path(eval_dir) / "summary.json")
+    summary = read_summary(Path(eval_dir) / "summary.json")
     label = summary.get("label") or Path(eval_dir).name
     return pd.DataFrame(summary_rows(summary, label, "undefended" if label == "undefended" else "baseline",
                                      Path(eval_dir).name))
@@ -294,7 +296,7 @@ def write_outputs(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     plots = write_tables(table, out)
     if (out / "oodray_config.json").exists():
         lb = experiment_leaderboard(out, table)
-        trials = lb[lb["compute"].notna() & (lb["kind"] == "trial")]
+        trials = lb[lb["compute"].notna() & (lb["kind"] == "trial")] if "compute" in lb else lb.iloc[:0]
         if len(trials):
             plot_compute(trials, out / "robust-vs-compute.png")
             plots.append(out / "robust-vs-compute.png")

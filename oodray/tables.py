@@ -13,10 +13,11 @@ import pandas as pd
 
 from oodray.config import ExperimentConfig
 from oodray.errors import ConfigError, OodrayError
-from oodray.io import atomic_write_text, read_json, read_jsonl
+from oodray.io import atomic_write_text, read_json, read_jsonl, reading
 from oodray.models.translator import latest_checkpoint
 from oodray.plots import plot_extras, plot_pareto
 from oodray.search_space import trial_name, trial_overrides
+from oodray.summaries import read_summary
 
 RESULT_FILES = ["results.csv", "results.md", "results.json", "pareto.png", "shifts.png", "robust-vs-eps.png",
                 "robust-vs-compute.png"]
@@ -44,7 +45,8 @@ def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:
             continue
         params = read_json(params_file)
         trial_id = history[-1].get("trial_id") or tdir.name
-        cfg = base.replace(**trial_overrides(params, base))
+        with reading(params_file):
+            cfg = base.replace(**trial_overrides(params, base))
         trials.append({
             "trial_id": trial_id, "params": params, "config": cfg.to_dict(), "history": history,
             "metrics": history[-1], "checkpoint": latest_checkpoint(exp_dir / "train" / trial_name(trial_id)),
@@ -93,11 +95,11 @@ def build_table(exp_dir: str | Path) -> pd.DataFrame:
                     "time s": round(m.get("time_total_s") or 0.0, 1)})
         summary = exp_dir / "eval" / trial_name(t['trial_id']) / "summary.json"
         if summary.exists():
-            row.update(_eval_columns(read_json(summary)))
+            row.update(_eval_columns(read_summary(summary)))
         rows.append(row)
     und = exp_dir / "eval" / "undefended" / "summary.json"
     if und.exists():
-        summary = read_json(und)
+        summary = read_summary(und)
         rows.append({"rank": None, "trial": "undefended", "arch": "identity", **_eval_columns(summary)})
     if not rows:
         raise OodrayError(f"experiment '{exp_dir}' has no finished trial results yet")
