@@ -242,7 +242,7 @@ def test_bad_input(cli, case, ws, oodray_cache, monkeypatch, capsys):
     argv, words = _case(ws, cli, case)
     before = {"ws": _files(ws), "cache": _files(oodray_cache, content=False)}
     if (cli, case) in RUN_AS_SUBPROCESS:
-        proc = run_cli(f"oodray.{cli}", *argv, timeout=120)
+        proc = run_cli(f"oodray.{cli}", *argv, timeout=600)
         assert_one_line_error(proc, *words)
         assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1, proc.stderr[-2000:]
     else:
@@ -276,7 +276,7 @@ def test_translator_checkpoint_carrying_code_is_refused_without_running(tmp_path
     cfg = resolve_config("synthetic")
     torch.save({"format": "oodray.translator/1", "epoch": 1, "config": cfg.to_dict(), "translator": _Boom(marker)},
                evil)
-    proc = run_cli("oodray.evaluate", "--checkpoint", str(evil), "--out", str(tmp_path / "out"), timeout=120)
+    proc = run_cli("oodray.evaluate", "--checkpoint", str(evil), "--out", str(tmp_path / "out"), timeout=600)
     assert_one_line_error(proc, "refused to unpickle", "evil.pt")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -349,7 +349,7 @@ def test_local_ray_binds_its_dashboard_to_loopback(tmp_path):
         "ray.shutdown()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = re.search(r"^URL (\S+)$", proc.stdout, re.M)
@@ -383,6 +383,6 @@ def test_checkpoint_epoch_cannot_become_a_path(tmp_path):
     state["epoch"] = "1/../../../escape"
     run_dir = tmp_path / "run" / "checkpoint_x"
     save_checkpoint(state, run_dir / "translator.pt")
-    proc = run_cli("oodray.evaluate", "--checkpoint", str(run_dir / "translator.pt"), timeout=120)
+    proc = run_cli("oodray.evaluate", "--checkpoint", str(run_dir / "translator.pt"), timeout=600)
     assert_one_line_error(proc, "integer epoch")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint_x", "run", "translator.pt"]
