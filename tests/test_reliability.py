@@ -1,0 +1,89 @@
+"""Reliability round 2 (#15): explicit data dirs, damaged IDX/YAML files, atomic writes on a full disk, checkpoints
+cut short on resume, run locks, and local Ray bound to loopback. See docs/reliability.md for what each guarantees.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oodray.config import DataConfig, load_yaml
+from oodray.data import DEBIAN_FASHION_MNIST, load_dataset, read_idx
+from oodray.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def _write_mnist(d: Path, n: int = 20, labels: np.ndarray | None = None) -> None:
+    rng = np.random.default_rng(0)
+    for split, m in (("train", n), ("t10k", n // 2)):
+        _write_idx(d / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (m, 28, 28)))
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, m) if labels is None else labels[:m])
+
+
+# --- item 4: an explicit --data-dir is the only place looked -------------------------------------------------------
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs the system copy that must NOT be used")
+@pytest.mark.parametrize("layout", ["empty", "partial"])
+def test_explicit_data_dir_without_the_data_is_an_error_not_the_system_copy(tmp_path, layout):
+    d = tmp_path / "fm"
+    d.mkdir()
+    if layout == "partial":  # the training files only, as after an interrupted copy
+        _write_mnist(d)
+        for f in d.glob("t10k-*"):
+            f.unlink()
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(name="fashion-mnist", data_dir=str(d)))
+    msg = str(err.value)
+    assert str(d) in msg and "fashion-mnist not found" in msg and "t10k-images-idx3-ubyte" in msg, msg
+    assert str(DEBIAN_FASHION_MNIST) not in msg
+    if layout == "partial":
+        assert "train-images-idx3-ubyte," not in msg.split("missing there:")[1], msg  # only what is missing
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_without_data_dir_the_system_copy_is_still_used():
+    assert len(load_dataset(DataConfig(name="fashion-mnist")).test) == 10000
+
+
+# --- item 8: damaged IDX files and YAML files are one line naming the file -----------------------------------------
+
+
+def test_corrupt_deflate_stream_names_the_file(tmp_path):
+    _write_mnist(tmp_path)
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    z = bytearray(p.read_bytes())
+    for i in range(20, len(z) - 8):  # keep the gzip header, damage the deflate stream
+        z[i] ^= 0x55
+    p.write_bytes(bytes(z))
+    with pytest.raises(DataError, match=f"cannot read '{p}'"):
+        read_idx(p)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_dataset(DataConfig(name="mnist", data_dir=str(tmp_path)))
+
+
+def test_label_out_of_range_names_the_file(tmp_path):
+    labels = np.arange(20) % 10
+    labels[7] = 200
+    _write_mnist(tmp_path, labels=labels)
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(name="mnist", data_dir=str(tmp_path)))
+    msg = str(err.value)
+    assert "train-labels-idx1-ubyte.gz" in msg and "label 200 at index 7" in msg and "0..9" in msg, msg
+
+
+def test_non_utf8_yaml_names_the_file(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("train:\n  lr: 0.001  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"config file '{p}' is not UTF-8"):
+        load_yaml(p)
