@@ -376,8 +376,17 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
-                 runtime_env={"worker_process_setup_hook": "oodray.train.pin_ray_address"})
+        # #15: Ray binds every port (GCS, raylet, object manager, workers, agents, metrics) to all interfaces unless
+        # the node IP is loopback. ray.init rewrites _node_ip_address=127.0.0.1 to the host's address; Ray's
+        # single-host mode (its default on macOS/Windows) makes the node IP 127.0.0.1. Only for this start.
+        from ray._private import ray_constants
+
+        cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
+                     runtime_env={"worker_process_setup_hook": "oodray.train.pin_ray_address"})
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def main(argv: list[str] | None = None) -> int:

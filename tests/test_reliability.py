@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import oodray
 from oodray.config import DataConfig, load_yaml
 from oodray.data import DEBIAN_FASHION_MNIST, load_dataset, read_idx
 from oodray.errors import ConfigError, DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+CODE = Path(oodray.__file__).resolve().parents[1]  # subprocesses run the oodray this test imported
 
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:
@@ -87,3 +88,71 @@ def test_non_utf8_yaml_names_the_file(tmp_path):
     p.write_bytes("train:\n  lr: 0.001  # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=f"config file '{p}' is not UTF-8"):
         load_yaml(p)
+
+
+# --- item 3: the local Ray that oodray starts listens on loopback only ---------------------------------------------
+
+LISTEN_PROBE = r"""
+import json, sys, time
+import ray
+import psutil  # vendored by ray (ray/thirdparty_files), importable once ray is
+from oodray.train import init_ray
+
+init_ray(num_cpus=1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker process, with its own gRPC server
+session = ray._private.worker._global_node.get_session_dir_path()
+me = psutil.Process()
+want = {"gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "ray::IDLE"}
+
+
+def scan():
+    procs = {p.pid: p for p in [me, *me.children(recursive=True)]}
+    for p in psutil.process_iter(["cmdline"]):  # Ray's daemons (the autoscaler monitor...), wherever reparented
+        if any(session in a for a in (p.info["cmdline"] or [])):
+            procs.setdefault(p.pid, p)
+    rows = []
+    for p in procs.values():
+        try:
+            cmd = " ".join(p.cmdline())
+            rows += [[c.laddr.ip, c.laddr.port, p.pid, cmd[:160]] for c in p.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    return rows
+
+
+deadline = time.time() + 600  # agents open their ports shortly after start; generous under load
+while {w for w in want if any(w in r[3] for r in scan())} != want and time.time() < deadline:
+    time.sleep(0.5)
+time.sleep(3)  # late listeners (the autoscaler's metrics server) get their chance to show
+rows = scan()
+print("NODE_IP", ray.util.get_node_ip_address())
+print("LISTEN", json.dumps(rows))
+ray.shutdown()
+"""
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+@pytest.mark.ray
+def test_local_ray_listens_on_loopback_only():
+    """Every listening socket of the local Ray that `init_ray` starts (GCS, raylet with its object manager, dashboard,
+    dashboard agent with its metrics export, runtime-env agent, the driver's and a worker's gRPC servers) is bound to
+    loopback, and the node IP is 127.0.0.1."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE], capture_output=True, text=True, timeout=900,
+                          cwd=CODE, env={**env, "PYTHONPATH": str(CODE)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(re.search(r"^LISTEN (.*)$", proc.stdout, re.M).group(1))
+    listening = " ".join(r[3] for r in rows)
+    for name in ("gcs_server", "raylet", "dashboard", "DashboardAgent", "RuntimeEnvAgent", "ray::IDLE"):
+        assert name in listening, (name, rows)  # the probe saw every component, so the check below is not vacuous
+    exposed = [r for r in rows if r[0] not in LOOPBACK]
+    assert not exposed, "listening beyond loopback:\n" + "\n".join(f"{ip}:{port} pid {pid} {cmd}"
+                                                                     for ip, port, pid, cmd in exposed)
+    assert re.search(r"^NODE_IP 127\.0\.0\.1$", proc.stdout, re.M), proc.stdout
