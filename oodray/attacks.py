@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import numbers
-import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,7 +27,7 @@ from pyautoattack import checks as aa_checks
 from pyautoattack.autopgd_base import APGDAttack
 from torch import Tensor, nn
 
-from oodray.io import load_checkpoint
+from oodray.io import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -404,10 +403,7 @@ def _save_state(path: Path, fingerprint: dict[str, Any], labels: Tensor, p: _Pro
         "adv_index": index, "adv_rows": p.x_adv[index.to(p.x_adv.device)].cpu(), "done": list(p.done),
         "pending": p.pending, "accuracy": dict(p.accuracy), "messages": list(p.messages),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous state
+    save_checkpoint(payload, path)  # #15: oodray.io's atomic write (unique temp, fsync file + dir, ENOSPC one line)
 
 
 def _load_state(path: Path, fingerprint: dict[str, Any], x: Tensor, y: Tensor) -> _Progress:

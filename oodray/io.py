@@ -1,11 +1,16 @@
 """Files written atomically (temp file + rename) and checkpoints read as data (`weights_only=True`).
 
-Nothing here ever unpickles code: every torch load goes through `load_checkpoint`, which refuses a pickle that
-carries objects other than tensors and plain containers, and turns truncated/corrupt files into `CheckpointError`.
+Every file oodray writes goes through `atomic_write_bytes`: a uniquely named temp file in the target's directory,
+written, fsynced, renamed over the target, then the directory fsynced, so a kill or a power cut leaves the old file or
+the new one, never a cut one. A full disk or quota (ENOSPC/EDQUOT) is one `StorageFullError` line naming the path, and
+the temp file is removed. Nothing here ever unpickles code: every torch load goes through `load_checkpoint`, which
+refuses a pickle that carries objects other than tensors and plain containers, and turns truncated/corrupt files into
+`CheckpointError`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -18,19 +23,54 @@ import torch
 from oodray.errors import CheckpointError, OodrayError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class StorageFullError(OodrayError):
+    """The device or quota holding a file oodray writes is full; what was finished before is kept."""
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_full(err: OSError, path: str | Path) -> StorageFullError:
+    return StorageFullError(f"no space left writing '{path}' ({err.strerror or os.strerror(err.errno)}); free space "
+                            "(or raise the quota) and re-run the same command: finished work is kept")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Makes a rename (or a new file) in `path` durable: without it a power cut can forget the rename."""
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (FUSE, some network mounts) cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes `data` to `path` atomically and durably (unique temp name, fsync file, rename, fsync directory)."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp = None
+        fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno in FULL_ERRNOS:
+            raise storage_full(e, path) from None
         raise
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -156,3 +156,104 @@ def test_local_ray_listens_on_loopback_only():
     assert not exposed, "listening beyond loopback:\n" + "\n".join(f"{ip}:{port} pid {pid} {cmd}"
                                                                      for ip, port, pid, cmd in exposed)
     assert re.search(r"^NODE_IP 127\.0\.0\.1$", proc.stdout, re.M), proc.stdout
+
+
+# --- item 6: atomic, durable writes; a full disk is one line and leaves no temp files ------------------------------
+
+
+@pytest.fixture
+def full_fs(tmp_path):
+    """A real, full filesystem: a 256 KiB tmpfs (needs root, as in CI) filled to the last page."""
+    import os
+    import subprocess
+
+    d = tmp_path / "full"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the monkeypatched ENOSPC tests still run")
+    try:
+        fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.rglob("*") if p.name != "filler" and p.is_file())
+
+
+def test_atomic_write_fsyncs_the_file_and_then_its_directory(tmp_path, monkeypatch):
+    import os
+
+    from oodray.io import atomic_write_text
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert len(synced) == 2 and Path(synced[0]).parent == tmp_path and Path(synced[0]).name.startswith(".a.json.")
+    assert synced[1] == str(tmp_path), synced  # the rename is made durable too
+    assert (tmp_path / "a.json").read_text() == "{}" and _leftovers(tmp_path) == ["a.json"]
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_full_disk_while_writing_is_one_line_naming_the_path_and_leaves_no_temp_file(tmp_path, monkeypatch, code):
+    import errno
+    import os
+
+    from oodray.io import StorageFullError, atomic_write_text
+
+    (tmp_path / "a.json").write_text("old")
+
+    def full(_fd: int) -> None:  # where NFS and quotas report it: at flush/fsync
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageFullError) as err:
+        atomic_write_text(tmp_path / "a.json", "new")
+    assert str(tmp_path / "a.json") in str(err.value) and "\n" not in str(err.value)
+    assert (tmp_path / "a.json").read_text() == "old" and _leftovers(tmp_path) == ["a.json"]
+
+
+def test_real_full_disk_autoattack_state_and_checkpoints(full_fs):
+    """On a real full tmpfs: AutoAttack's state file (written by `attacks._save_state`) and a checkpoint fail with one
+    line naming the file, and leave neither a temp file nor a cut file behind."""
+    import torch
+
+    from oodray.attacks import _Progress, _save_state
+    from oodray.io import StorageFullError, save_checkpoint
+
+    p = _Progress(x_adv=torch.rand(4, 1, 8, 8), y_adv=torch.arange(4), robust=torch.ones(4, dtype=torch.bool),
+                  fooled=torch.zeros(4, dtype=torch.bool), done=[], pending=None, accuracy={}, messages=[])
+    with pytest.raises(StorageFullError, match=f"'{full_fs / 'state' / 'block-000000.pt'}'"):
+        _save_state(full_fs / "state" / "block-000000.pt", {"n": 4}, torch.arange(4), p)
+    with pytest.raises(StorageFullError, match="translator.pt"):
+        save_checkpoint({"w": torch.rand(64, 64)}, full_fs / "run" / "translator.pt")
+    assert _leftovers(full_fs) == []
+
+
+def test_real_full_disk_cli_is_one_line_and_exit_2(full_fs):
+    """`python -m oodray.classifier` training into a full cache: exit 2, one `error:` line naming the file."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "oodray.classifier", "--dataset", "synthetic", "--seed", "11",
+                           "--cache-dir", str(full_fs / "cache")], capture_output=True, text=True, timeout=900,
+                          cwd=CODE, env={**os.environ, "PYTHONPATH": str(CODE)})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "no space left" in lines[0] and str(full_fs / "cache") in lines[0], lines
+    assert _leftovers(full_fs) == []
