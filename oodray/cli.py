@@ -52,4 +52,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted; finished work is kept (resume with the same command)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        from oodray.locks import release_all
+
+        release_all()  # #15: the run locks a command took (oodray.locks.hold) end with it
     sys.exit(code or 0)

@@ -49,6 +49,7 @@ from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import NORMS, ExperimentConfig, _check_eps, flatten, load_yaml, parse_override
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, safe_child
+from oodray.locks import hold as hold_lock
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT = "oodray.eval/1"
@@ -694,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, {"eval": eval_layer, "translator": {"arch": args.translator}})
     out, label = default_out_and_label(cfg, args.checkpoint, epoch)
     out, label = Path(args.out) if args.out else out, args.label or label
+    hold_lock(out, "evaluation output directory")  # #15: one writer per --out, before Ray starts
     t0 = time.time()
     try:
         summary = run_evaluation(cfg, checkpoint=args.checkpoint, out_dir=out, label=label)

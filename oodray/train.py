@@ -30,6 +30,7 @@ from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import ExperimentConfig, save_config
 from oodray.errors import CheckpointError, ConfigError
 from oodray.io import check_finite, ensure_writable_dir, load_checkpoint, safe_child, save_checkpoint
+from oodray.locks import hold as hold_lock
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "oodray.translator/1"
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = safe_child(storage, name)  # a name may not climb out of the storage directory
     if "://" not in storage:
         ensure_writable_dir(run_dir, "storage path")
+        hold_lock(run_dir, "run directory")  # #15: one writer per run, before Ray starts (released by cli.run)
         check_resumable(cfg, run_dir)
     from oodray.classifier import get_classifier
     from oodray.data import load_dataset

@@ -257,3 +257,148 @@ def test_real_full_disk_cli_is_one_line_and_exit_2(full_fs):
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "no space left" in lines[0] and str(full_fs / "cache") in lines[0], lines
     assert _leftovers(full_fs) == []
+
+
+# --- item 2: one writer per run directory ---------------------------------------------------------------------------
+
+HOLDER = r"""
+import sys, time
+from oodray.locks import RunLock
+with RunLock(sys.argv[1], "run directory"):
+    print("held", flush=True)
+    time.sleep(3600)
+"""
+
+
+@pytest.fixture
+def held(tmp_path):
+    """Holds a directory's lock from a live subprocess (as a running oodray command would); yields (dir, pid)."""
+    import os
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(d: Path) -> int:
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, str(d)], stdout=subprocess.PIPE, text=True, cwd=CODE,
+                             env={**os.environ, "PYTHONPATH": str(CODE)})
+        procs.append(p)
+        assert p.stdout.readline().strip() == "held"
+        return p.pid
+
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait(timeout=600)
+
+
+def _cli(cli: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Runs a CLI in-process through `oodray.cli.run`; Ray must not start (init_ray raises)."""
+    import importlib
+
+    from oodray.cli import run
+    from oodray.errors import OodrayError
+
+    def no_ray(*_a, **_k):
+        raise OodrayError("reached Ray")
+
+    monkeypatch.setattr("oodray.train.init_ray", no_ray)
+    with pytest.raises(SystemExit) as exit_info:
+        run(importlib.import_module(f"oodray.{cli}").main, argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", ["train", "tune", "evaluate"])
+def test_second_writer_is_refused_with_one_line_naming_the_holder(cli, tmp_path, held, monkeypatch, capsys):
+    import socket
+
+    storage = tmp_path / "storage"
+    target = tmp_path / "out" if cli == "evaluate" else storage / "same"
+    pid = held(target)
+    argv = {"train": ["--dataset", "synthetic", "--storage", str(storage), "--name", "same"],
+            "tune": ["--dataset", "synthetic", "--storage", str(storage), "--name", "same"],
+            "evaluate": ["--translator", "identity", "--dataset", "synthetic", "--out", str(target)]}[cli]
+    code, err = _cli(cli, argv, monkeypatch, capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for words in (str(target), "is in use by", f"pid {pid}", f"host {socket.gethostname()}", "since"):
+        assert words in lines[0], (words, lines[0])
+    assert sorted(p.name for p in target.iterdir()) == [".oodray.lock"]  # the holder's lock, nothing else
+
+
+def test_real_second_train_process_is_refused_while_the_first_runs(tmp_path):
+    """Two real `python -m oodray.train` on one run: the second exits 2 with the holder's line while the first
+    trains (its lock is held across Ray), and the first finishes and removes its lock."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(CODE), PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "oodray.train", "--dataset", "synthetic", "--storage", str(tmp_path), "--name",
+            "run", "--epochs", "1", "--set", "train.max_batches=2", "--set", "train.proxy_examples=16"]
+    lock = tmp_path / "run" / ".oodray.lock"
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=CODE, env=env)
+    try:
+        deadline = time.time() + 600
+        while not lock.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        holder = json.loads(lock.read_text())
+        second = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=CODE, env=env)
+        out, _ = first.communicate(timeout=900)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
+    assert f"pid {first.pid}" in lines[0] and holder["pid"] == first.pid and "oodray.train" in lines[0], lines
+    assert first.returncode == 0, out[-3000:]
+    assert not lock.exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_log_line(tmp_path, monkeypatch, capsys, caplog):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "storage" / "run"
+    run.mkdir(parents=True)
+    stale = {"pid": dead.pid, "host": socket.gethostname(), "since": "2026-01-01 00:00:00 +0000",
+             "command": "python -m oodray.train --name run"}
+    (run / ".oodray.lock").write_text(json.dumps(stale))
+    with caplog.at_level("WARNING", logger="oodray.locks"):
+        code, err = _cli("train", ["--dataset", "synthetic", "--storage", str(tmp_path / "storage"), "--name", "run"],
+                         monkeypatch, capsys)
+    assert code == 2 and "error: reached Ray" in err, err  # it went on, past the lock, to start Ray
+    assert any("took over the stale lock" in r.message and f"pid {dead.pid}" in r.message for r in caplog.records)
+    assert not (run / ".oodray.lock").exists()  # released when the command ended
+
+
+def test_lock_is_released_on_exceptions_and_pid_reuse_is_not_a_holder(tmp_path):
+    import json
+    import os
+    import socket
+
+    from oodray.locks import LockedError, RunLock
+
+    with pytest.raises(RuntimeError):
+        with RunLock(tmp_path, "run directory"):
+            assert json.loads((tmp_path / ".oodray.lock").read_text())["pid"] == os.getpid()
+            with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+                RunLock(tmp_path, "run directory").acquire()  # a second open file: refused even in one process
+            raise RuntimeError("boom")
+    assert not (tmp_path / ".oodray.lock").exists()
+    # A live pid whose start time differs from the recorded one is a reused pid: the lock is stale.
+    (tmp_path / ".oodray.lock").write_text(json.dumps({"pid": os.getpid(), "pid_start": -1,
+                                                       "host": socket.gethostname()}))
+    with RunLock(tmp_path):
+        pass
+    # A lock written on another host is never taken over: its pid cannot be checked from here.
+    (tmp_path / ".oodray.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "x"}))
+    with pytest.raises(LockedError, match="another host"):
+        RunLock(tmp_path).acquire()
