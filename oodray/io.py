@@ -13,14 +13,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from oodray.errors import CheckpointError, OodrayError
+
+log = logging.getLogger(__name__)
 
 
 class StorageFullError(OodrayError):
@@ -129,7 +134,73 @@ def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Pat
 
 
 def safe_child(root: str | Path, name: str) -> Path:
-    """root/name, refusing names that are absolute or climb out of root ('..')."""
+    """root/name, refusing names that are absolute, climb out of root ('..') or are not printable ASCII."""
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise OodrayError(f"name '{name}' must be a relative path inside '{root}' (no '..', not absolute)")
+    if not name.isascii() or not name.isprintable():
+        # Ray 2.60 tags its metrics with the run name and fails mid-run ('ascii' codec can't encode) on anything else
+        bad = next(c for c in name if not (c.isascii() and c.isprintable()))
+        raise OodrayError(f"name '{name}' holds {bad!r}: run and experiment names must be printable ASCII (Ray Train "
+                          "and Tune fail on others), e.g. letters, digits, '-', '_', '.'")
     return Path(root) / name
+
+
+# --- resuming a Ray Train run --------------------------------------------------------------------------------------
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train 2.60's index of registered checkpoints
+INCOMPLETE_PREFIX = ".incomplete-"
+
+
+def ray_train_checkpoints(run_dir: Path) -> tuple[str | None, set[str]] | None:
+    """(the checkpoint directory Ray Train will resume from, every registered one), read from the run's checkpoint
+    manager snapshot; None when there is no snapshot (Ray then starts the run from scratch).
+
+    Ray Train 2.60 (v2 `CheckpointManager`) resumes a run from `latest_checkpoint_result` of this snapshot, never by
+    listing directories. A checkpoint is registered there only after its upload into `checkpoint_*` finished, so a
+    directory cut short by a full disk or a kill is never resumed from by Ray.
+    """
+    path = run_dir / RAY_TRAIN_SNAPSHOT
+    if not path.is_file():
+        return None
+    try:
+        snap = json.loads(path.read_text(encoding="utf-8"))
+        latest = snap.get("latest_checkpoint_result")
+        latest = None if latest is None else str(latest["checkpoint_dir_name"])
+        registered = {str(r["checkpoint_dir_name"]) for r in snap.get("checkpoint_results", [])}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"Ray Train's checkpoint index '{path}' is cut short or damaged ({type(e).__name__}), "
+                              "e.g. by a full disk: Ray cannot resume this run. Move that file aside to train this run "
+                              "again from scratch, or pass another --name") from None
+    return latest, registered | ({latest} if latest else set())
+
+
+def resume_checkpoint(run_dir: str | Path, filename: str, load: Callable[[Path], dict[str, Any]],
+                      ) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a re-run of `run_dir` resumes from, loaded with `load`, or None for a fresh start.
+
+    That is the one Ray Train registered last when the run has Ray's snapshot, and a damaged one is an error (Ray
+    would load it). Checkpoint directories Ray never registered and that do not load (cut short by a full disk or a
+    kill during the upload) are skipped, reported, and renamed `.incomplete-checkpoint_*`, so that nothing takes them
+    for checkpoints. Without a snapshot, the newest complete checkpoint is returned so that the caller can check that
+    the run is the same one (Ray itself starts from scratch then).
+    """
+    run_dir = Path(run_dir)
+    ray_state = ray_train_checkpoints(run_dir)
+    latest, registered = ray_state if ray_state is not None else (None, set())
+    complete: list[tuple[Path, dict[str, Any]]] = []
+    for d in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()):
+        if d.name in registered:
+            continue
+        try:
+            complete.append((d / filename, load(d / filename)))
+        except CheckpointError as e:
+            aside = d.with_name(INCOMPLETE_PREFIX + d.name)
+            os.replace(d, aside)
+            fsync_dir(run_dir)
+            log.warning("skipped incomplete checkpoint '%s' (%s); Ray Train never registered it; moved to '%s'",
+                        d, str(e).split("' ", 1)[-1], aside)
+    if latest is not None:
+        return run_dir / latest / filename, load(run_dir / latest / filename)
+    if ray_state is None and complete:
+        return complete[-1]
+    return None

@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import ExperimentConfig, save_config
 from oodray.errors import CheckpointError, ConfigError
-from oodray.io import check_finite, ensure_writable_dir, load_checkpoint, safe_child, save_checkpoint
+from oodray.io import check_finite, ensure_writable_dir, load_checkpoint, resume_checkpoint, safe_child, save_checkpoint
 from oodray.locks import hold as hold_lock
 
 log = logging.getLogger(__name__)
@@ -272,17 +272,18 @@ def load_translator_checkpoint(path: str | Path) -> dict[str, Any]:
 def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
     """A re-run resumes from the run's newest checkpoint: it is checked here, on the driver before Ray starts, so that
     a damaged one, or one of another translator (a reused --name), is a one-line error, not failing workers."""
-    ckpts = sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
-    if not ckpts:
+    # #15: the checkpoint Ray Train resumes from (its snapshot's latest), partial unregistered ones set aside
+    resume = resume_checkpoint(run_dir, CHECKPOINT_FILE, load_translator_checkpoint)
+    if resume is None:
         return
-    state = load_translator_checkpoint(ckpts[-1])
+    ckpt, state = resume
     try:
         saved = ExperimentConfig.from_dict(state["config"])
     except ConfigError as e:
-        raise CheckpointError(f"translator checkpoint '{ckpts[-1]}' holds a config this version rejects ({e})",
+        raise CheckpointError(f"translator checkpoint '{ckpt}' holds a config this version rejects ({e})",
                               ) from None
     if saved.translator != cfg.translator or saved.data.name != cfg.data.name:
-        raise CheckpointError(f"run '{run_dir}' resumes from '{ckpts[-1]}', a '{saved.translator.arch}' translator on "
+        raise CheckpointError(f"run '{run_dir}' resumes from '{ckpt}', a '{saved.translator.arch}' translator on "
                               f"'{saved.data.name}', but this config trains a '{cfg.translator.arch}' on "
                               f"'{cfg.data.name}'; pass another --name to start a new run")
 

@@ -402,3 +402,98 @@ def test_lock_is_released_on_exceptions_and_pid_reuse_is_not_a_holder(tmp_path):
     (tmp_path / ".oodray.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "x"}))
     with pytest.raises(LockedError, match="another host"):
         RunLock(tmp_path).acquire()
+
+
+# --- item 6: a checkpoint cut short is never resumed from ----------------------------------------------------------
+
+
+def _snapshot(run: Path, names: list[str]) -> None:
+    """Ray Train 2.60's checkpoint index, as its CheckpointManager writes it (the keys oodray reads)."""
+    import json
+
+    results = [{"version": 0, "checkpoint_dir_name": n, "metrics": {}} for n in names]
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"ray_version": "2.60.0", "checkpoint_results": results, "latest_checkpoint_result": results[-1]}))
+
+
+def _state(epoch: int) -> dict:
+    from oodray.config import resolve_config
+    from oodray.models.translator import build_translator
+
+    cfg = resolve_config("synthetic")
+    return {"format": "oodray.translator/1", "epoch": epoch, "config": cfg.to_dict(), "optimizer": {},
+            "translator": build_translator(cfg.translator, 1, (8, 8)).state_dict(), "gate": None, "metrics": {}}
+
+
+def test_resume_skips_unregistered_partial_checkpoints_and_uses_what_ray_registered(tmp_path, caplog):
+    from oodray.config import resolve_config
+    from oodray.io import save_checkpoint
+    from oodray.train import check_resumable
+
+    run = tmp_path / "run"
+    for i, name in enumerate(["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000"], 1):
+        save_checkpoint(_state(i), run / name / "translator.pt")
+    _snapshot(run, ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000"])
+    cut = run / "checkpoint_2026-01-01_00-00-03.000000"  # the upload a full disk cut short
+    cut.mkdir()
+    (cut / "translator.pt").write_bytes((run / "checkpoint_2026-01-01_00-00-02.000000" / "translator.pt")
+                                        .read_bytes()[:300])
+    with caplog.at_level("WARNING", logger="oodray.io"):
+        check_resumable(resolve_config("synthetic"), run)  # no error: Ray resumes from the registered epoch 2
+    assert not cut.exists() and (run / ".incomplete-checkpoint_2026-01-01_00-00-03.000000" / "translator.pt").exists()
+    assert any("skipped incomplete checkpoint" in r.message and str(cut) in r.message for r in caplog.records)
+
+
+def test_damaged_registered_checkpoint_or_index_is_one_line(tmp_path):
+    from oodray.config import resolve_config
+    from oodray.errors import CheckpointError
+    from oodray.io import save_checkpoint
+    from oodray.train import check_resumable
+
+    run = tmp_path / "run"
+    name = "checkpoint_2026-01-01_00-00-01.000000"
+    save_checkpoint(_state(1), run / name / "translator.pt")
+    data = (run / name / "translator.pt").read_bytes()
+    (run / name / "translator.pt").write_bytes(data[:300])
+    _snapshot(run, [name])
+    with pytest.raises(CheckpointError, match=f"{name}/translator.pt' is corrupt"):  # Ray would load this one
+        check_resumable(resolve_config("synthetic"), run)
+    assert (run / name).exists()  # registered: never moved
+    (run / "checkpoint_manager_snapshot.json").write_text('{"ray_version": "2.6')  # cut short
+    with pytest.raises(CheckpointError, match="checkpoint_manager_snapshot.json' is cut short or damaged"):
+        check_resumable(resolve_config("synthetic"), run)
+
+
+@pytest.mark.ray
+def test_real_train_resumes_past_a_checkpoint_cut_short(tmp_path):
+    """A real run of 2 epochs, then a checkpoint directory cut short as a full disk leaves it: the re-run (3 epochs)
+    reports and sets it aside, and resumes from epoch 2, which is what Ray Train registered."""
+    import os
+    import subprocess
+    import sys
+
+    from oodray.io import load_checkpoint, ray_train_checkpoints
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(CODE), PYTHONUNBUFFERED="1")
+
+    def train(epochs: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "oodray.train", "--dataset", "synthetic", "--storage",
+                               str(tmp_path), "--name", "run", "--epochs", str(epochs), "--set", "train.max_batches=2",
+                               "--set", "train.proxy_examples=16"], capture_output=True, text=True, timeout=900,
+                              cwd=CODE, env=env)
+
+    first = train(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "run"
+    latest, _ = ray_train_checkpoints(run)
+    cut = run / "checkpoint_2099-01-01_00-00-00.000000"  # newest by name, as the interrupted upload would be
+    cut.mkdir()
+    (cut / "translator.pt").write_bytes((run / latest / "translator.pt").read_bytes()[:1000])
+    second = train(3)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "skipped incomplete checkpoint" in second.stderr and str(cut) in second.stderr, second.stderr[-3000:]
+    newest, _ = ray_train_checkpoints(run)
+    metrics = load_checkpoint(run / newest / "translator.pt")["metrics"]
+    assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] == 2, metrics
+    assert not cut.exists() and (run / f".incomplete-{cut.name}").is_dir()
