@@ -169,10 +169,10 @@ def _load_idx_split(d: Path, split: str, num_classes: int) -> tuple[torch.Tensor
     def path(stem: str) -> Path:
         return d / f"{stem}.gz" if (d / f"{stem}.gz").exists() else d / stem
 
-    (ipath, images), (lpath, labels) = ((path(s), read_idx(path(s))) for s in _IDX_FILES[split])
-    if images.ndim != 3 or labels.ndim != 1:
-        raise DataError(f"'{ipath}' / '{lpath}': expected 3-d images and 1-d labels, found {images.ndim}-d and "
-                        f"{labels.ndim}-d")
+    ipath, lpath = (path(s) for s in _IDX_FILES[split])
+    images, labels = read_idx(ipath), read_idx(lpath)
+    if labels.ndim != 1:
+        raise DataError(f"'{lpath}' holds {labels.ndim}-d labels; expected one label per image (1-d)")
     if len(images) != len(labels):
         raise DataError(f"'{d}': {len(images)} {split} images but {len(labels)} labels")
     if labels.size and int(labels.max()) >= num_classes:
