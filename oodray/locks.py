@@ -64,6 +64,13 @@ def _alive(holder: dict[str, Any]) -> bool:
     return ticks is None or holder.get("pid_start") in (None, ticks)
 
 
+def _command() -> str:
+    """This process's command line as typed: `python -m oodray.train --name x`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return shlex.join([Path(sys.executable).name, *head, *sys.argv[1:]])
+
+
 def describe(holder: dict[str, Any]) -> str:
     cmd = holder.get("command") or "?"
     return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {holder.get('since', '?')} "
@@ -124,7 +131,7 @@ class RunLock:
             log.warning("took over the stale lock of %s '%s': %s no longer runs", self.what, self.dir, describe(old))
         me = {"pid": os.getpid(), "pid_start": _start_ticks(os.getpid()), "host": host,
               "since": time.strftime("%Y-%m-%d %H:%M:%S %z"), "started": time.time(),
-              "command": shlex.join([Path(sys.executable).name, *sys.argv]) if sys.argv else "?"}
+              "command": _command()}
         data = json.dumps(me).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
