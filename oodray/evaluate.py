@@ -48,7 +48,7 @@ import torch
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import NORMS, ExperimentConfig, _check_eps, flatten, load_yaml, parse_override
 from oodray.errors import ConfigError, OodrayError
-from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, safe_child
+from oodray.io import atomic_write_text, load_checkpoint, safe_child
 from oodray.locks import hold as hold_lock
 
 log = logging.getLogger(__name__)
@@ -431,7 +431,7 @@ def run_evaluation(cfg: ExperimentConfig, *, checkpoint: str | Path | None, out_
 
     t0 = time.time()
     inp = _load_inputs(cfg, checkpoint, label)
-    out_dir = ensure_writable_dir(out_dir, "evaluation output directory")
+    out_dir = hold_lock(out_dir, "evaluation output directory").dir  # #15: one writer per out_dir, inputs checked
     todo, done = _plan(inp, out_dir)
     clean_fp = {**inp.fingerprint, "kind": "clean"}
     shifts_fp = {**inp.fingerprint, "kind": "shifts", "shifts": list(SHIFTS), "severities": list(SEVERITIES)}
@@ -695,7 +695,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, {"eval": eval_layer, "translator": {"arch": args.translator}})
     out, label = default_out_and_label(cfg, args.checkpoint, epoch)
     out, label = Path(args.out) if args.out else out, args.label or label
-    hold_lock(out, "evaluation output directory")  # #15: one writer per --out, before Ray starts
     t0 = time.time()
     try:
         summary = run_evaluation(cfg, checkpoint=args.checkpoint, out_dir=out, label=label)

@@ -317,7 +317,8 @@ def test_second_writer_is_refused_with_one_line_naming_the_holder(cli, tmp_path,
     pid = held(target)
     argv = {"train": ["--dataset", "synthetic", "--storage", str(storage), "--name", "same"],
             "tune": ["--dataset", "synthetic", "--storage", str(storage), "--name", "same"],
-            "evaluate": ["--translator", "identity", "--dataset", "synthetic", "--out", str(target)]}[cli]
+            "evaluate": ["--translator", "identity", "--dataset", "synthetic", "--threat-models", "oblivious",
+                         "--out", str(target)]}[cli]
     code, err = _cli(cli, argv, monkeypatch, capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
