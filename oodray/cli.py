@@ -17,6 +17,7 @@ from typing import Any
 
 from oodray.config import ExperimentConfig, resolve_config
 from oodray.errors import Interrupted, OodrayError, RunFailed
+from oodray.locks import release_all
 from oodray.progress import set_quiet
 
 
@@ -68,6 +69,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        release_all()  # the run locks a command took (oodray.locks.hold) end with it
     sys.exit(code or 0)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,13 +132,15 @@ def _digits(cfg: DataConfig) -> Splits:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Reads an IDX file (optionally gzipped), as used by MNIST and Fashion-MNIST."""
+    """Reads an IDX file (optionally gzipped), as used by MNIST and Fashion-MNIST; any damage is a one-line
+    `DataError` naming the file (a cut or corrupt deflate stream raises zlib.error/EOFError, not OSError)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read '{path}': {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read '{path}': {e or type(e).__name__} (a damaged or partly downloaded file: "
+                        "replace it)") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"'{path}' is not an IDX file of unsigned bytes")
     ndim = data[3]
@@ -161,25 +164,44 @@ def _find_idx_dir(root: Path) -> Path | None:
     return None
 
 
-def _load_idx_split(d: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _missing_idx_files(d: Path) -> list[str]:
+    return [f for pair in _IDX_FILES.values() for f in pair if not (d / f).exists() and not (d / f"{f}.gz").exists()]
+
+
+def _load_idx_split(d: Path, split: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     def path(stem: str) -> Path:
         return d / f"{stem}.gz" if (d / f"{stem}.gz").exists() else d / stem
 
-    images, labels = (read_idx(path(s)) for s in _IDX_FILES[split])
+    ipath, lpath = (path(s) for s in _IDX_FILES[split])
+    images, labels = read_idx(ipath), read_idx(lpath)
+    if labels.ndim != 1:
+        raise DataError(f"'{lpath}' holds {labels.ndim}-d labels; expected one label per image (1-d)")
     if len(images) != len(labels):
         raise DataError(f"'{d}': {len(images)} {split} images but {len(labels)} labels")
+    if labels.size and int(labels.max()) >= num_classes:
+        bad = int(np.argmax(labels >= num_classes))
+        raise DataError(f"'{lpath}' holds label {int(labels[bad])} at index {bad}; labels must be in "
+                        f"0..{num_classes - 1}")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
 def _mnist_like(cfg: DataConfig, info: DatasetInfo, dirs: list[Path], tv_name: str) -> Splits:
+    """IDX files from the first of `dirs` holding them. An explicit data dir is the only place looked (the caller
+    passes it alone): one that does not hold the data is an error naming it, never a fallback to another copy."""
     tried = []
     for d in dirs:
         found = _find_idx_dir(d)
         tried.append(str(d))
         if found is not None:
-            (xtr, ytr), (xte, yte) = _load_idx_split(found, "train"), _load_idx_split(found, "test")
+            (xtr, ytr), (xte, yte) = (_load_idx_split(found, s, info.num_classes) for s in ("train", "test"))
             break
     else:
+        if cfg.data_dir and not cfg.download:
+            expected = ", ".join(f for pair in _IDX_FILES.values() for f in pair)
+            raise DataError(f"{info.name} not found in data directory '{cfg.data_dir}' (given explicitly, so no other "
+                            f"copy is used): expected the IDX files {expected} (each optionally .gz) in it or in "
+                            f"raw/, FashionMNIST/raw/ or MNIST/raw/; missing there: "
+                            f"{', '.join(_missing_idx_files(Path(cfg.data_dir)))}")
         if not cfg.download:
             raise DataError(f"{info.name} not found (looked in: {', '.join(tried) or 'no directory given'}); "
                             f"pass --data-dir with its IDX files, or allow torchvision's download (data.download=true)")
@@ -202,10 +224,10 @@ def _mnist_like(cfg: DataConfig, info: DatasetInfo, dirs: list[Path], tv_name: s
 @DATASETS.register("fashion-mnist")
 def _fashion_mnist(cfg: DataConfig) -> Splits:
     info = DatasetInfo("fashion-mnist", 10, 1, (28, 28), (0.2860,), (0.3530,))
-    dirs = [Path(cfg.data_dir)] if cfg.data_dir else []
-    dirs.append(DEBIAN_FASHION_MNIST)
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         raise DataError(f"data directory '{cfg.data_dir}' does not exist")
+    # An explicit data dir is the only place looked: the system copy is used only when none is given.
+    dirs = [Path(cfg.data_dir)] if cfg.data_dir else [DEBIAN_FASHION_MNIST]
     return _mnist_like(cfg, info, dirs, "FashionMNIST")
 
 

@@ -25,6 +25,10 @@ class CheckpointError(OodrayError):
     """A checkpoint that is missing, corrupt, or made for another dataset/architecture."""
 
 
+class StorageFullError(OodrayError):
+    """The device or quota holding a file oodray writes is full; what was finished before is kept."""
+
+
 class StateFileError(CheckpointError, ValueError):
     """A resumable state file (AutoAttack's) that is unreadable or belongs to another evaluation."""
 

@@ -20,7 +20,7 @@ from oodray.attacks import pgd
 from oodray.config import ExperimentConfig, classifier_key, save_config
 from oodray.data import Splits, load_dataset
 from oodray.errors import ConfigError
-from oodray.io import ensure_writable_dir
+from oodray.io import atomic_write_text, ensure_writable_dir
 from oodray.metrics import accuracy
 from oodray.models.classifier import Classifier, build_classifier, freeze, load_classifier, save_classifier
 
@@ -115,6 +115,6 @@ def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train
                "train_seconds": round(train_s, 1), "test_examples": len(splits.test)}
     save_classifier(model, path, cfg.to_dict(), metrics)
     save_config(cfg, path.parent)
-    (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(path.parent / "metrics.json", json.dumps(metrics, indent=2))
     log.info("saved fixed classifier to %s (test acc %.4f)", path, test_acc)
     return model, path

@@ -1,15 +1,21 @@
 """Files written atomically (temp file + rename) and checkpoints read as data (`weights_only=True`).
 
-Nothing here ever unpickles code: every torch load goes through `load_checkpoint`, which refuses a pickle that
-carries objects other than tensors and plain containers, and turns truncated/corrupt files into `CheckpointError`.
+Every file oodray writes goes through `atomic_write_bytes`: a uniquely named temp file in the target's directory,
+written, fsynced, renamed over the target, then the directory fsynced, so a kill or a power cut leaves the old file or
+the new one, never a cut one. A full disk or quota (ENOSPC/EDQUOT) is one `StorageFullError` line naming the path, and
+the temp file is removed. Nothing here ever unpickles code: every torch load goes through `load_checkpoint`, which
+refuses a pickle that carries objects other than tensors and plain containers, and turns truncated/corrupt files into
+`CheckpointError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,22 +24,55 @@ from typing import Any
 
 import torch
 
-from oodray.errors import CheckpointError, OodrayError
+from oodray.errors import CheckpointError, OodrayError, StorageFullError
+
+log = logging.getLogger(__name__)
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_full(err: OSError, path: str | Path) -> StorageFullError:
+    return StorageFullError(f"no space left writing '{path}' ({err.strerror or os.strerror(err.errno)}); free space "
+                            "(or raise the quota) and re-run the same command: finished work is kept")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Makes a rename (or a new file) in `path` durable: without it a power cut can forget the rename."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (FUSE, some network mounts) cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes `data` to `path` atomically and durably (unique temp name, fsync file, rename, fsync directory)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp = None
+        fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno in FULL_ERRNOS:
+            raise storage_full(e, path) from None
         raise
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -92,9 +131,14 @@ def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Pat
 
 
 def safe_child(root: str | Path, name: str) -> Path:
-    """root/name, refusing names that are absolute or climb out of root ('..')."""
+    """root/name, refusing names that are absolute, climb out of root ('..') or are not printable ASCII."""
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise OodrayError(f"name '{name}' must be a relative path inside '{root}' (no '..', not absolute)")
+    if not name.isascii() or not name.isprintable():
+        # Ray 2.60 tags its metrics with the run name and fails mid-run ('ascii' codec can't encode) on anything else
+        bad = next(c for c in name if not (c.isascii() and c.isprintable()))
+        raise OodrayError(f"name '{name}' holds {bad!r}: run and experiment names must be printable ASCII (Ray Train "
+                          "and Tune fail on others), e.g. letters, digits, '-', '_', '.'")
     return Path(root) / name
 
 

@@ -42,8 +42,18 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         hook = f"{pin_ray_address.__module__}.{pin_ray_address.__qualname__}"
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
-                 runtime_env={"worker_process_setup_hook": hook})
+        # Ray binds every port (GCS, raylet, object manager, workers, agents, metrics) to all interfaces unless the
+        # node IP is loopback. ray.init rewrites _node_ip_address=127.0.0.1 to the host's address; Ray's single-host
+        # mode (its default on macOS/Windows) makes the node IP 127.0.0.1. Set for this start only, so that a later
+        # `ray start` of a multi-node cluster on this machine is unaffected.
+        from ray._private import ray_constants
+
+        cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
+                     runtime_env={"worker_process_setup_hook": hook})
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def task_device(gpus: float, cpus: float) -> Any:

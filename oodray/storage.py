@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from oodray.io import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -63,11 +65,8 @@ def mirror_down(uri: str, local: Path) -> Path:
         dst = local / info.path[len(root):].lstrip("/")
         if dst.exists() and dst.stat().st_size == info.size:
             continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.part")
-        with fs.open_input_stream(info.path) as src, open(tmp, "wb") as out:
-            out.write(src.read())
-        tmp.replace(dst)
+        with fs.open_input_stream(info.path) as src:
+            atomic_write_bytes(dst, src.read())  # #15: unique temp name, fsync, ENOSPC as one line
         n += 1
     log.info("mirrored %d files from %s to %s", n, uri, local)
     return local

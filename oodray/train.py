@@ -18,9 +18,12 @@ proxy metrics in `metrics`, Ray start-up in `runtime`; their old names stay impo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ from oodray.config import ExperimentConfig, classifier_key, config_hash, save_co
 from oodray.data import eval_subset, load_dataset, stack
 from oodray.errors import CheckpointError, ConfigError, RunFailed
 from oodray.fixed_classifier import get_classifier
-from oodray.io import ensure_writable_dir, load_checkpoint, safe_child, save_checkpoint
+from oodray.io import ensure_writable_dir, fsync_dir, load_checkpoint, safe_child, save_checkpoint
+from oodray.locks import hold as hold_lock
 from oodray.losses import PatchDiscriminator, TranslatorObjective, discriminator_loss
 from oodray.metrics import proxy_metrics
 from oodray.models.classifier import classifier_from_state
@@ -44,7 +48,6 @@ from oodray.models.translator import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     build_translator,
-    checkpoints,
     load_translator_checkpoint,
 )
 from oodray.runtime import init_ray, init_ray_for, pin_ray_address
@@ -221,20 +224,81 @@ def _resolve(obj: Any) -> Any:
     return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
 
 
+# --- resuming: the checkpoint Ray Train resumes from ------------------------------------------------------------------
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train 2.60's index of registered checkpoints
+INCOMPLETE_PREFIX = ".incomplete-"
+
+
+def ray_train_checkpoints(run_dir: Path) -> tuple[str | None, set[str]] | None:
+    """(the checkpoint directory Ray Train will resume from, every registered one), read from the run's checkpoint
+    manager snapshot; None when there is no snapshot (Ray then starts the run from scratch).
+
+    Ray Train 2.60 (v2 `CheckpointManager`) resumes a run from `latest_checkpoint_result` of this snapshot, never by
+    listing directories. A checkpoint is registered there only after its upload into `checkpoint_*` finished, so a
+    directory cut short by a full disk or a kill is never resumed from by Ray.
+    """
+    path = run_dir / RAY_TRAIN_SNAPSHOT
+    if not path.is_file():
+        return None
+    try:
+        snap = json.loads(path.read_text(encoding="utf-8"))
+        latest = snap.get("latest_checkpoint_result")
+        latest = None if latest is None else str(latest["checkpoint_dir_name"])
+        registered = {str(r["checkpoint_dir_name"]) for r in snap.get("checkpoint_results", [])}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"Ray Train's checkpoint index '{path}' is cut short or damaged ({type(e).__name__}), "
+                              "e.g. by a full disk: Ray cannot resume this run. Move that file aside to train this run "
+                              "again from scratch, or pass another --name") from None
+    return latest, registered | ({latest} if latest else set())
+
+
+def resume_checkpoint(run_dir: str | Path, filename: str, load: Callable[[Path], dict[str, Any]],
+                      ) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a re-run of `run_dir` resumes from, loaded with `load`, or None for a fresh start.
+
+    That is the one Ray Train registered last when the run has Ray's snapshot, and a damaged one is an error (Ray
+    would load it). Checkpoint directories Ray never registered and that do not load (cut short by a full disk or a
+    kill during the upload) are skipped, reported, and renamed `.incomplete-checkpoint_*`, so that nothing takes them
+    for checkpoints. Without a snapshot, the newest complete checkpoint is returned so that the caller can check that
+    the run is the same one (Ray itself starts from scratch then).
+    """
+    run_dir = Path(run_dir)
+    ray_state = ray_train_checkpoints(run_dir)
+    latest, registered = ray_state if ray_state is not None else (None, set())
+    complete: list[tuple[Path, dict[str, Any]]] = []
+    for d in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()):
+        if d.name in registered:
+            continue
+        try:
+            complete.append((d / filename, load(d / filename)))
+        except CheckpointError as e:
+            aside = d.with_name(INCOMPLETE_PREFIX + d.name)
+            os.replace(d, aside)
+            fsync_dir(run_dir)
+            log.warning("skipped incomplete checkpoint '%s' (%s); Ray Train never registered it; moved to '%s'",
+                        d, str(e).split("' ", 1)[-1], aside)
+    if latest is not None:
+        return run_dir / latest / filename, load(run_dir / latest / filename)
+    if ray_state is None and complete:
+        return complete[-1]
+    return None
+
+
 def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
     """A re-run resumes from the run's newest checkpoint: it is checked here, on the driver before Ray starts, so that
     a damaged one, or one of another translator (a reused --name), is a one-line error, not failing workers."""
-    ckpts = checkpoints(run_dir)
-    if not ckpts:
+    resume = resume_checkpoint(run_dir, CHECKPOINT_FILE, load_translator_checkpoint)
+    if resume is None:
         return
-    state = load_translator_checkpoint(ckpts[-1])
+    ckpt, state = resume
     try:
         saved = ExperimentConfig.from_dict(state["config"])
     except ConfigError as e:
-        raise CheckpointError(f"translator checkpoint '{ckpts[-1]}' holds a config this version rejects ({e})",
+        raise CheckpointError(f"translator checkpoint '{ckpt}' holds a config this version rejects ({e})",
                               ) from None
     if saved.translator != cfg.translator or saved.data.name != cfg.data.name:
-        raise CheckpointError(f"run '{run_dir}' resumes from '{ckpts[-1]}', a '{saved.translator.arch}' translator on "
+        raise CheckpointError(f"run '{run_dir}' resumes from '{ckpt}', a '{saved.translator.arch}' translator on "
                               f"'{saved.data.name}', but this config trains a '{cfg.translator.arch}' on "
                               f"'{cfg.data.name}'; pass another --name to start a new run")
 
@@ -299,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = safe_child(storage, name)  # a name may not climb out of the storage directory
     if not is_uri(storage):
         ensure_writable_dir(run_dir, "storage path")
+        hold_lock(run_dir, "run directory")  # one writer per run, before Ray starts (released by cli.run)
         check_resumable(cfg, run_dir)
     classifier, _ = get_classifier(cfg, load_dataset(cfg.data))  # bad data or a bad cached C fail here, before Ray
     build_translator(cfg.translator, classifier.info.channels, classifier.info.image_size)  # unknown arch, bad sizes

@@ -38,6 +38,8 @@ from oodray.errors import Interrupted, OodrayError, RunFailed
 from oodray.evaluate import run_evaluation
 from oodray.fixed_classifier import classifier_path, get_classifier
 from oodray.io import ensure_writable_dir, safe_child
+from oodray.locks import LOCK_FILE
+from oodray.locks import hold as hold_lock
 from oodray.models.translator import build_translator
 from oodray.progress import Progress, trial_table
 from oodray.results import (
@@ -263,12 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     # With a URI, Tune/Train write there directly and oodray's own files are staged locally, then mirrored.
     exp_uri = storage_join(storage, name) if is_uri(storage) else str(Path(storage) / name)
     exp_dir = Path(args.local_dir) / name if is_uri(storage) else Path(storage) / name
+    # One writer per experiment, before the checks below and before Ray starts; for a URI, its staging directory.
+    hold_lock(exp_dir, "local staging directory" if is_uri(storage) else "experiment directory")
     found = exists(storage_join(exp_uri, "tuner.pkl")) if is_uri(storage) else (exp_dir / "tuner.pkl").exists()
     started = (exists(storage_join(exp_uri, "oodray_config.json")) if is_uri(storage)
                else (exp_dir / "oodray_config.json").exists())  # stopped before Tune started (e.g. in the cache build)
     if args.resume and not (found or started):
         raise OodrayError(f"--resume: no experiment '{name}' under '{storage}' to resume (looked for {exp_uri})")
-    taken = has_content(exp_uri) if is_uri(storage) else exp_dir.exists() and any(exp_dir.iterdir())
+    taken = has_content(exp_uri) if is_uri(storage) else any(p.name != LOCK_FILE for p in exp_dir.iterdir())
     if not args.resume and taken:
         raise OodrayError(f"experiment '{exp_uri}' already exists; pass --resume to continue it, or --name for a "
                           "new one (nothing was changed)")

