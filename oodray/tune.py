@@ -69,7 +69,7 @@ from oodray.train import fit_translator, prepare_run
 log = logging.getLogger(__name__)
 
 DRIVER_CPUS = 0.25  # the trial driver only waits on its TorchTrainer
-SCHEDULER_STATE = "oodray_scheduler.pkl"  # ResumableASHA's rungs, beside the experiment
+SCHEDULER_STATE = "oodray_scheduler.json"  # ResumableASHA's rungs, beside the experiment
 __all__ = ["CONDITIONAL", "SPACE", "DefineByRun", "main", "narrowed_space", "trial_driver", "trial_overrides"]
 
 def trial_driver(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:

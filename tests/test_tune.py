@@ -128,3 +128,29 @@ def test_uri_storage_writes_there_and_results_read_it_back(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(pd.read_csv(tmp_path / "read" / "u" / "results.csv")) == 2  # the trial and the undefended row
     assert_one_line_error(run_cli("oodray.results", uri + "/nope"), "does not exist")
+
+
+def test_asha_rungs_survive_a_restore(tmp_path):
+    """Ray Tune restores the scheduler by unpickling the one it pickled at the start: ResumableASHA reads back the
+    rungs it recorded since, so a trial after --resume is judged against the same rungs as without interruption."""
+    import pickle
+    from types import SimpleNamespace
+
+    from oodray.schedulers import ResumableASHA
+
+    state = tmp_path / "oodray_scheduler.json"
+    asha = ResumableASHA(str(state), metric="objective", mode="max", time_attr="epoch", max_t=4, grace_period=1,
+                         reduction_factor=2)
+    at_start = pickle.dumps(asha)  # what tuner.pkl holds
+    trials = [SimpleNamespace(trial_id=t) for t in "abc"]
+    for t, score in zip(trials, (0.9, 0.8, 0.7)):
+        asha.on_trial_add(None, t)
+        asha.on_trial_result(None, t, {"epoch": 1, "objective": score})
+    restored = pickle.loads(at_start)
+    state.unlink()
+    fresh = pickle.loads(at_start)  # no state file: Ray's behaviour, empty rungs
+    late = SimpleNamespace(trial_id="d")
+    for s in (restored, fresh):
+        s.on_trial_add(None, late)
+    assert restored.on_trial_result(None, late, {"epoch": 1, "objective": 0.1}) == "STOP"
+    assert fresh.on_trial_result(None, late, {"epoch": 1, "objective": 0.1}) == "CONTINUE"
