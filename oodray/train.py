@@ -13,6 +13,8 @@ name resumes from its latest checkpoint; worker failures are retried from it (`F
 Here: the worker loop and one training step, the driver-side preparation (`prepare_run`: fixed classifier and oblivious
 cache), the `TorchTrainer` (`fit_translator`) and the CLI. The checkpoint format lives in `models.translator`, the
 proxy metrics in `metrics`, Ray start-up in `runtime`; their old names stay importable from here.
+
+ray is imported inside the functions that use it (heavy import).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999)) if disc else None
     gate = None
     start_epoch = 0
+    replay = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -153,6 +156,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if state.get("gate"):
             gate = gate_from_state(state["gate"])
         start_epoch = state["epoch"]
+        replay = state.get("metrics")
         log.info("rank %d resumed from epoch %d", rank, start_epoch)
     x_val, y_val = (t.to(device) for t in eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)),
                                                         cfg.data.seed))
@@ -175,6 +179,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     objective = TranslatorObjective(cfg.loss, classifier, disc)
     use_amp = cfg.train.amp and device.type == "cuda"
     g = torch.Generator(device="cpu")
+    if replay is not None:
+        # A checkpoint can be saved before its result reaches Tune (a stop or a crash in between): report the resumed
+        # epoch's metrics again, so that a scheduler judges that epoch as an uninterrupted run would (ASHA keys its
+        # rungs by trial, so a result it has already seen changes nothing).
+        ray.train.report({**replay, "replayed": True} if rank == 0 else {})
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
         # Seeded per (rank, epoch), not once: a run resumed at epoch k draws what an uninterrupted one draws there.
