@@ -5,6 +5,8 @@ directory `<cache>/oblivious/<dataset>-<key>/`. Shards are generated as Ray task
 with `ray.wait`); each shard is written atomically (temp file + rename) and recorded with its sha256 in
 `manifest.json` only once complete, so an interrupted run leaves at most partial shards, which the next run
 detects (missing entry or checksum mismatch) and regenerates, alone. Imports attacks and data, never train.
+
+ray is imported inside the functions that use it, so that importing this module stays light.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     python -m oodray.classifier --dataset fashion-mnist --adversarial pgd --eps 0.1     # Madry baseline
     python -m oodray.classifier --dataset imagenet --data-dir /data/imagenet --set classifier.weights=r50.pth
 
-The classifier is saved under `<cache>/classifiers/<dataset>-<arch>-seed<seed>[-<adv>-<norm>-eps<eps>]/`
+The classifier is saved under `<cache>/classifiers/<dataset>-<arch>-seed<seed>[-<adv>-<norm>-eps<eps>]-<digest>/`
 (`classifier.pt` + `config.json`) and re-used by every later run with the same key.
 """
 

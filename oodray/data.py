@@ -11,6 +11,8 @@
 Splits: the official test split where one exists (else a seeded 20% of the data); validation is a seeded
 `data.val_fraction` of the training split. `eval_indices(n, k, seed)` is the first k of a seeded permutation
 (numpy's PCG64, stable across runs, machines and versions), so evaluation subsets never drift.
+
+scikit-learn and torchvision are imported by the datasets that need them (heavy imports).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The plots of an experiment: clean vs robust accuracy (`pareto.png`), accuracy vs shift severity per shift, C vs C(T)
 (`shifts.png`), robust accuracy vs eps (`robust-vs-eps.png`, when several eps were evaluated) and vs training compute
-(`robust-vs-compute.png`, when trials report it). Each is written atomically; matplotlib draws off-screen (Agg)."""
+(`robust-vs-compute.png`, when trials report it). Each is written atomically; matplotlib draws off-screen (Agg)
+and is imported only when a plot is drawn (heavy import)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ work, plus the last), nothing under `-q`. Call sites stay one or two lines:
 on (status, epoch, proxy robust and clean accuracy, objective, the few knobs that vary) instead of the loss terms.
 Ray 2.60's default output engine ignores a `progress_reporter` ("AIR_VERBOSITY is set, ignoring passed-in
 ProgressReporter"), so it switches that process to the reporter engine (`RAY_AIR_NEW_OUTPUT=0`, read at `fit()`).
+
+tqdm and ray.tune are imported when a bar or the live table is made (heavy imports).
 """
 
 from __future__ import annotations

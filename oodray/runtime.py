@@ -1,6 +1,7 @@
 """Where work runs: the Ray that every oodray command starts or joins, the hook its workers run, the device a task uses.
 
-Imports only the standard library at module level (ray and torch when called), so any module may import it.
+Imports only the standard library and oodray.errors at module level (ray and torch when called: heavy imports), so
+any module may import it.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Ray Tune and Ray Train write trials and checkpoints straight to the storage URI. oodray's own files (resolved
 config, evaluations, tables, plots) are written in a local staging directory and mirrored to the URI, and
 `mirror_down` brings an experiment's files back for evaluation and the results tables.
+
+pyarrow is imported when a URI is used (heavy import).
 """
 
 from __future__ import annotations

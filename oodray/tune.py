@@ -12,12 +12,15 @@ proxy robust accuracy under the adaptive attacker (PGD end to end) with clean ac
 (`--objective robust`) or as a second objective (`--objective pareto`, NSGA-II). After the search the top-k trials
 and the undefended classifier are evaluated with full AutoAttack (oblivious, adaptive, transfer), clean and natural
 shifts, through the evaluation fan-out, and the results table is printed (see `oodray.results`).
+
+ray and optuna are imported inside the functions that use them (heavy imports).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -89,8 +92,6 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> 
 def precompute_caches(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]]) -> None:
     """Builds the oblivious caches of every attack variant the search can pick, before trials need them (as Ray
     tasks, while the whole cluster is free), so trials only read them."""
-    import itertools
-
     def values(key: str) -> list[Any]:
         kind, arg = space[key]
         return [arg] if kind == "fixed" else list(arg)

@@ -96,6 +96,22 @@ def test_function_local_imports_of_oodray_are_the_listed_deferrals():
     assert local == {("oodray.config.resolve", "oodray.data"), ("oodray.config.resolve", "oodray.io")}
 
 
+HEAVY = ("ray", "torch", "torchvision", "sklearn", "matplotlib", "pyarrow", "optuna", "tqdm", "pandas")
+
+
+def test_other_imports_inside_functions_defer_a_heavy_library():
+    """Imports inside functions are kept for heavy libraries, which a module imports only when it needs them."""
+    light = []
+    for name, tree in _modules().items():
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                    light += [(name, m) for m in mods if not m.startswith("oodray") and m.split(".")[0] not in HEAVY]
+    assert light == []
+
+
 def test_reading_a_config_does_not_import_torch():
     import subprocess
     import sys

@@ -1,5 +1,7 @@
 """The evaluation driver: submits every shard of every attack result (and the clean/shift task) as Ray tasks up front,
 drains them with `ray.wait`, merges and writes each result as soon as its shards are in, and writes `summary.json`.
+
+ray and pandas are imported inside the functions that use them (heavy imports).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Plain functions, callable in-process (tests) and wrapped by `ray.remote` when the driver submits them. Each rebuilds
 C and C(T(.)) from plain state dicts on its first lines, on the device its resources grant.
+
+ray is imported only where a task asks for its node (heavy import).
 """
 
 from __future__ import annotations

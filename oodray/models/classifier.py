@@ -3,6 +3,8 @@
 Registered: `tiny_cnn` (tests), `small_cnn` (digits, MNIST-likes), `resnet18_cifar` (CIFAR-10) and `resnet50`
 (ImageNet, torchvision's architecture; weights from a local file). A classifier checkpoint holds the weights,
 the architecture and dataset metadata and the resolved config, and is loaded as data (`weights_only=True`).
+
+torchvision is imported by the architectures that need it (heavy import).
 """
 
 from __future__ import annotations

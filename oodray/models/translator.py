@@ -14,6 +14,7 @@ gate's state and the resolved config (`CHECKPOINT_FORMAT`); `load_translator_che
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,6 @@ def build_translator(cfg: TranslatorConfig, channels: int, image_size: tuple[int
     knobs = {"depth": cfg.depth, "width": cfg.width, "norm": cfg.norm, "dropout": cfg.dropout,
              "blocks": cfg.blocks, "downsamplings": cfg.downsamplings, "residual": cfg.residual}
     builder = TRANSLATORS.get(cfg.arch)
-    import inspect
-
     accepted = set(inspect.signature(builder).parameters)
     model = builder(channels=channels, **{k: v for k, v in knobs.items() if v is not None and k in accepted})
     if image_size is not None:
