@@ -49,3 +49,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert "Traceback" not in proc.stderr
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
+
+
+def forbid_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any start of (or connection to) Ray in this process fails the test: bad input must be refused before it."""
+    import ray
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("bad input reached Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)

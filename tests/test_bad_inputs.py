@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, forbid_ray, run_cli
 
 from oodray.config import resolve_config
 from oodray.errors import CheckpointError
@@ -49,17 +49,6 @@ class _Boom:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def forbid_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any start of (or connection to) Ray in this process fails the test: bad input must be refused before it."""
-    import ray
-
-    def no_ray(*_a, **_k):
-        raise AssertionError("bad input reached Ray")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 def _idx(path: Path, arr: Any) -> None:

@@ -298,16 +298,11 @@ def _cli(cli: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """Runs a CLI in-process through `oodray.cli.run`; Ray must not start (ray.init raises)."""
     import importlib
 
-    import ray
+    from conftest import forbid_ray
 
     from oodray.cli import run
-    from oodray.errors import OodrayError
 
-    def no_ray(*_a, **_k):
-        raise OodrayError("reached Ray")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    forbid_ray(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         run(importlib.import_module(f"oodray.{cli}").main, argv)
     return exit_info.value.code, capsys.readouterr().err

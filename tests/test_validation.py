@@ -7,6 +7,7 @@ import importlib
 import json
 
 import pytest
+from conftest import forbid_ray
 
 from oodray.cli import run
 from oodray.config import ExperimentConfig, flatten, resolve_config
@@ -106,16 +107,6 @@ def test_bad_config_value_is_one_line_naming_the_key(key):
     assert "\n" not in message
     assert key.split(".")[-1] in message or value in message, message  # names the key, or the bad value itself
     assert word in message, message
-
-
-def forbid_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray
-
-    def no_ray(*_a, **_k):
-        raise AssertionError("bad input reached Ray")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 def _cli_rows(tmp):
