@@ -295,14 +295,20 @@ def held(tmp_path):
 
 
 def _cli(cli: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Runs a CLI in-process through `oodray.cli.run`; Ray must not start (ray.init raises)."""
+    """Runs a CLI in-process through `oodray.cli.run`; Ray must not start: ray.init raises an oodray error, so a run
+    that gets that far exits 2 with "error: reached Ray"."""
     import importlib
 
-    from conftest import forbid_ray
+    import ray
 
     from oodray.cli import run
+    from oodray.errors import OodrayError
 
-    forbid_ray(monkeypatch)
+    def reached_ray(*_a, **_k):
+        raise OodrayError("reached Ray")
+
+    monkeypatch.setattr(ray, "init", reached_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         run(importlib.import_module(f"oodray.{cli}").main, argv)
     return exit_info.value.code, capsys.readouterr().err
