@@ -4,11 +4,13 @@ Resolution order: defaults < dataset preset < YAML file (`experiments/*.yaml`) <
 (`--set train.lr=3e-4`). The resolved config is saved next to every output (`save_config`) and rebuilt from a plain
 dict with `ExperimentConfig.from_dict`, which is how Ray workers get it back on their first line.
 
-- `schema`: the dataclasses, validators, accepted names and derived keys (imports nothing of oodray but errors);
+- `schema`: the dataclasses, validators and accepted names (imports nothing of oodray but errors);
+- `keys`: names derived from a config (run names, the classifier's cache key);
 - `presets`: per-dataset presets (plain data);
 - `resolve`: resolution for a new experiment and for an existing checkpoint, YAML, overrides, `save_config`.
 """
 
+from oodray.config.keys import classifier_key, config_hash
 from oodray.config.presets import PRESETS
 from oodray.config.resolve import (
     config_for_checkpoint,
@@ -35,8 +37,6 @@ from oodray.config.schema import (
     TranslatorConfig,
     TuneConfig,
     check_eps,
-    classifier_key,
-    config_hash,
     flatten,
 )
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from oodray.config.keys import classifier_key
 from oodray.config.presets import PRESETS
-from oodray.config.schema import DataConfig, ExperimentConfig, classifier_key, flatten, get_dotted, set_dotted
+from oodray.config.schema import DataConfig, ExperimentConfig, flatten, get_dotted, set_dotted
 from oodray.errors import ConfigError
 
 

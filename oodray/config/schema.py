@@ -3,16 +3,13 @@
 Every accepted name (norms, threat models, regimes, AutoAttack versions, objectives, training attacks, loss terms)
 is defined here once; `oodray.attacks` and the CLIs import them. `ExperimentConfig.from_dict` rebuilds a typed,
 validated config from a plain dict (how Ray workers get it back on their first line); unknown keys and wrong
-types are `ConfigError`s naming the key. `classifier_key` and `config_hash` are the deterministic names derived
-from a config. Imports only the standard library, yaml-free; nothing here touches torch or datasets.
+types are `ConfigError`s naming the key. Imports only the standard library and oodray.errors (yaml-free); nothing
+here touches torch or datasets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
 import math
 import os
 import types
@@ -303,51 +300,6 @@ class ExperimentConfig:
 
     def eval_eps(self) -> tuple[float, ...]:
         return self.eval.eps or (self.attack.eps,)
-
-
-# Dataset presets: each names the dataset's standard threat model and affordable training budgets.
-
-
-def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "classifier", "translator", "loss",
-                                                                        "attack", "train")) -> str:
-    """A short digest of the given sections: the deterministic part of run and experiment names."""
-    d = cfg.to_dict()
-    blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-def classifier_key(cfg: ExperimentConfig) -> str:
-    """The name of the fixed classifier this config trains (and of its cache directory): readable, then a digest of
-    every setting that changes C's weights (data split and size, every classifier.* key, the adversarial threat
-    model, and the content of a weights file), so a cached C is reused only by runs that would train the same one."""
-    c, d = cfg.classifier, cfg.data
-    adv_eps = c.adv_eps or cfg.attack.eps
-    src = {"data": {"name": d.name, "seed": d.seed, "val_fraction": d.val_fraction, "image_size": d.image_size},
-           "classifier": {**dataclasses.asdict(c), "weights": _file_digest(c.weights)},
-           "adversarial": {"norm": cfg.attack.norm, "eps": adv_eps} if c.adversarial != "none" else None}
-    digest = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:8]
-    key = f"{d.name}-{c.arch}-seed{c.seed}"
-    if c.adversarial != "none":
-        key += f"-{c.adversarial}-{cfg.attack.norm}-eps{adv_eps:.4g}"
-    return f"{key}-{digest}"
-
-
-def _file_digest(path: str | None) -> str | None:
-    """sha256 of a weights file's bytes (the name when it is not a local file: a weights name, or not there yet)."""
-    if path is None or not Path(path).expanduser().is_file():
-        return path
-    p = Path(path).expanduser().resolve()
-    st = p.stat()
-    return _sha256_file(str(p), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256_file(path: str, size: int, mtime_ns: int) -> str:  # size and mtime key the cache: a changed file rehashes
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- plumbing ---------------------------------------------------------------------------------------------------

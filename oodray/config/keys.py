@@ -1,0 +1,54 @@
+"""Names derived from a config, deterministic across runs and machines: `config_hash` (run and experiment names) and
+`classifier_key` (the fixed classifier's cache directory), which covers everything that changes C's weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+from oodray.config.schema import ExperimentConfig
+
+
+def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "classifier", "translator", "loss",
+                                                                        "attack", "train")) -> str:
+    """A short digest of the given sections: the deterministic part of run and experiment names."""
+    d = cfg.to_dict()
+    blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def classifier_key(cfg: ExperimentConfig) -> str:
+    """The name of the fixed classifier this config trains (and of its cache directory): readable, then a digest of
+    every setting that changes C's weights (data split and size, every classifier.* key, the adversarial threat
+    model, and the content of a weights file), so a cached C is reused only by runs that would train the same one."""
+    c, d = cfg.classifier, cfg.data
+    adv_eps = c.adv_eps or cfg.attack.eps
+    src = {"data": {"name": d.name, "seed": d.seed, "val_fraction": d.val_fraction, "image_size": d.image_size},
+           "classifier": {**dataclasses.asdict(c), "weights": _file_digest(c.weights)},
+           "adversarial": {"norm": cfg.attack.norm, "eps": adv_eps} if c.adversarial != "none" else None}
+    digest = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:8]
+    key = f"{d.name}-{c.arch}-seed{c.seed}"
+    if c.adversarial != "none":
+        key += f"-{c.adversarial}-{cfg.attack.norm}-eps{adv_eps:.4g}"
+    return f"{key}-{digest}"
+
+
+def _file_digest(path: str | None) -> str | None:
+    """sha256 of a weights file's bytes (the name when it is not a local file: a weights name, or not there yet)."""
+    if path is None or not Path(path).expanduser().is_file():
+        return path
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    return _sha256_file(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_file(path: str, size: int, mtime_ns: int) -> str:  # size and mtime key the cache: a changed file rehashes
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
