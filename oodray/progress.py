@@ -41,10 +41,6 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = bool(quiet)
 
 
-def is_quiet() -> bool:
-    return _QUIET
-
-
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     h, m = s // 3600, s // 60 % 60

@@ -50,6 +50,7 @@ from oodray.models.translator import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     build_translator,
+    checkpoint_dirs,
     load_translator_checkpoint,
 )
 from oodray.runtime import init_ray, init_ray_for, pin_ray_address
@@ -276,7 +277,7 @@ def resume_checkpoint(run_dir: str | Path, filename: str, load: Callable[[Path],
     ray_state = ray_train_checkpoints(run_dir)
     latest, registered = ray_state if ray_state is not None else (None, set())
     complete: list[tuple[Path, dict[str, Any]]] = []
-    for d in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()):
+    for d in checkpoint_dirs(run_dir):
         if d.name in registered:
             continue
         try:

@@ -137,9 +137,9 @@ def _fan_out(inp: _Inputs, todo: list[_Job], done: dict[tuple[str, str, float], 
         job.parts.append(res)
         n_done, n_robust = n_done + len(res["robust"]), n_robust + sum(res["robust"])
         bar.update(len(res["robust"]), robust=n_robust / n_done)
-        log.info("%s [%d, %d) done in %.1fs: robust %d/%d | %d/%d examples attacked, robust so far %.4f",
-                 result_name(*job.key), res["start"], res["stop"], res["seconds"], sum(res["robust"]),
-                 len(res["robust"]), n_done, total, n_robust / n_done)
+        log.debug("%s [%d, %d) done in %.1fs: robust %d/%d | %d/%d examples attacked, robust so far %.4f",
+                  result_name(*job.key), res["start"], res["stop"], res["seconds"], sum(res["robust"]),
+                  len(res["robust"]), n_done, total, n_robust / n_done)  # the progress line says it at INFO
         if sum(len(r["robust"]) for r in job.parts) == n:
             done[job.key] = _merge(job, inp.meta, n)
             _write_result(job.path, done[job.key])

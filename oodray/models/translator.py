@@ -211,13 +211,14 @@ def is_trainable(model: nn.Module) -> bool:
     return any(p.requires_grad for p in model.parameters())
 
 
-def checkpoints(run_dir: str | Path) -> list[Path]:
-    """A Ray Train run's translator checkpoint files, oldest first (Ray names the directories by time)."""
-    return sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """A Ray Train run's checkpoint directories, oldest first (Ray names them `checkpoint_<time>`)."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:
-    found = checkpoints(run_dir)
+    """The newest checkpoint file of a run (Ray's own index decides what a resume loads: `train.resume_checkpoint`)."""
+    found = [d / CHECKPOINT_FILE for d in checkpoint_dirs(run_dir) if (d / CHECKPOINT_FILE).is_file()]
     return str(found[-1]) if found else None
 
 
