@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from oodray.attacks import pgd
+from oodray.compute import Compute, classifier_step_passes
 from oodray.config import ExperimentConfig, classifier_key, save_config
 from oodray.data import Splits, load_dataset
 from oodray.errors import ConfigError
@@ -31,9 +32,12 @@ def classifier_path(cfg: ExperimentConfig) -> Path:
     return cfg.resolved_cache_dir() / "classifiers" / classifier_key(cfg) / "classifier.pt"
 
 
-def train_classifier(cfg: ExperimentConfig, splits: Splits) -> Classifier:
-    """Adam on cross-entropy; with `classifier.adversarial` = pgd (Madry) or trades, on PGD examples."""
+def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | None = None) -> Classifier:
+    """Adam on cross-entropy; with `classifier.adversarial` = pgd (Madry) or trades, on PGD examples. The training
+    compute (examples, passes: adv_steps + 1 per example when adversarial, wall seconds) is added to `compute`."""
     c = cfg.classifier
+    compute = compute if compute is not None else Compute()
+    passes = classifier_step_passes(c.adversarial, c.adv_steps)
     torch.manual_seed(c.seed)
     model = build_classifier(c.arch, splits.info, c.weights)
     if c.epochs == 0:
@@ -56,6 +60,8 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits) -> Classifier:
             loss.backward()
             opt.step()
             total, n = total + loss.item() * len(y), n + len(y)
+            compute.add(len(y), passes)
+        compute.add_time(time.time() - t0, 1.0)  # one process
         sched.step()
         model.eval()
         log.info("classifier epoch %d/%d loss %.4f val acc %.4f (%.1fs)", epoch + 1, c.epochs, total / n,
@@ -108,11 +114,12 @@ def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train
     ensure_writable_dir(path.parent, "classifier cache directory")
     splits = splits or load_dataset(cfg.data)
     t0 = time.time()
-    model = train_classifier(cfg, splits)
+    compute = Compute()
+    model = train_classifier(cfg, splits, compute)
     train_s = time.time() - t0
     test_acc = accuracy(model, splits.test)
     metrics = {"test_accuracy": test_acc, "val_accuracy": accuracy(model, splits.val),
-               "train_seconds": round(train_s, 1), "test_examples": len(splits.test)}
+               "train_seconds": round(train_s, 1), "test_examples": len(splits.test), **compute.to_metrics()}
     save_classifier(model, path, cfg.to_dict(), metrics)
     save_config(cfg, path.parent)
     atomic_write_text(path.parent / "metrics.json", json.dumps(metrics, indent=2))

@@ -77,12 +77,16 @@ class TranslatorObjective:
                 f_clean = C.features(x_clean)
             f_ood = C.features(t_ood)
             terms["feature"] = sum(F.mse_loss(a, b) for a, b in zip(f_ood, f_clean)) / len(f_ood)
-        if "identity" in w or "clean_consistency" in w:
+        if "identity" in w or "clean_consistency" in w or "trades" in w:
             t_clean = translator(x_clean)
             if "identity" in w:
                 terms["identity"] = F.l1_loss(t_clean, x_clean)
+            logits_clean = C(t_clean) if "clean_consistency" in w or "trades" in w else None
             if "clean_consistency" in w:
-                terms["clean_consistency"] = F.kl_div(F.log_softmax(C(t_clean), 1), p_clean, reduction="batchmean")
+                terms["clean_consistency"] = F.kl_div(F.log_softmax(logits_clean, 1), p_clean, reduction="batchmean")
+            if "trades" in w:  # TRADES (Zhang et al. 2019) on C(T(.)): the attacked prediction tied to the clean one
+                terms["trades"] = F.kl_div(F.log_softmax(C(t_ood), 1), F.softmax(logits_clean, 1),
+                                           reduction="batchmean")
         if "gan" in w:
             terms["gan"] = ((self.discriminator(t_ood) - 1) ** 2).mean()
         total = sum(w[k] * v for k, v in terms.items())

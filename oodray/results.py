@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from oodray.cli import run
-from oodray.config import ExperimentConfig
+from oodray.config import ExperimentConfig, classifier_key
 from oodray.errors import ConfigError, OodrayError
 from oodray.io import read_json
 from oodray.plots import plot_compute
@@ -60,19 +60,21 @@ LEADERBOARD = ["#", "defence", "kind", "arch", "AA adaptive", "clean C(T)", "dro
                "AA transfer", "shifts", "proxy", "compute"]
 # Knob columns of build_table shown by --wide, under their leaderboard names (translator.norm is 'norm' there).
 WIDE = {"depth": "depth", "width": "width", "blocks": "blocks", "downsamplings": "downsamplings", "norm": "norm layer",
-        "residual": "residual", "regime": "regime", "lr": "lr", "attacks": "attacks", "epochs": "epochs",
+        "residual": "residual", "regime": "regime", "lr": "lr", "lr_schedule": "lr schedule", "steps": "attack steps",
+        "attacks": "attacks", "epochs": "epochs",
         "time s": "time s"}
-# Training compute of a trial. The hook for compute accounting: a cumulative key in its last reported metrics wins
-# (first found); until one exists, the examples it trained on, summed over its epochs (train.py's `train_examples`).
-COMPUTE_KEYS = {"train_flops": "FLOPs", "compute": "compute"}
+# Training compute of a defence, in forward+backward passes per example summed (oodray.compute): the classifier's, plus
+# the translator's own and its oblivious cache's. Evaluations carry it in summary.json (`training_compute`); trials
+# not evaluated yet take it from their last reported metrics and the experiment's classifier.
+COMPUTE_UNIT = "fwd+bwd passes"
 MAX_NAME = 22  # names are cut to this in the table view so that it fits 120 columns
 LEGEND = "\n".join([
     "AA: AutoAttack robust accuracy on the fixed test subset. adaptive: end to end through C(T(.)) (the number that "
     "counts);",
     "oblivious: crafted on C alone; transfer: crafted on an independent surrogate. drop vs C: clean C - clean C(T).",
     "shifts: C(T) accuracy over the natural shifts, mean of severities 1-5. proxy: the search's PGD robust accuracy on",
-    "validation. Rank: adaptive AutoAttack where evaluated, else proxy. compute: training examples seen by the trial",
-    "(all epochs; FLOPs once trials report train_flops, see COMPUTE_KEYS; --wide shows the unit)."])
+    "validation. Rank: adaptive AutoAttack where evaluated, else proxy. compute: training compute of the whole defence",
+    "in forward+backward passes per example, attack steps included (PGD-k: k+1), classifier + translator + its cache."])
 
 
 def _row_base(summary: dict[str, Any], defence: str, kind: str, source: str) -> dict[str, Any]:
@@ -84,6 +86,12 @@ def _row_base(summary: dict[str, Any], defence: str, kind: str, source: str) -> 
            "source": source, "clean C": c, "clean C(T)": ct,
            "drop vs C": c - ct if c is not None and ct is not None else None,
            "shifts": sum(v["defended"] for v in shifts.values()) / len(shifts) if shifts else None}
+    tc = summary.get("training_compute") or {}
+    if tc.get("passes") is not None:
+        row.update({"compute": float(tc["passes"]), "compute unit": COMPUTE_UNIT})
+    wall = [tc.get(k) for k in ("classifier_wall_seconds", "translator_wall_seconds") if tc.get(k) is not None]
+    if wall:
+        row["train wall s"] = round(sum(wall), 1)
     row.update({f"shift {k}": v["defended"] for k, v in sorted(shifts.items())})
     return row
 
@@ -107,14 +115,23 @@ def summary_rows(summary: dict[str, Any], defence: str, kind: str, source: str) 
     return rows
 
 
-def _compute(history: list[dict[str, Any]]) -> tuple[float | None, str | None]:
-    """(training compute of a trial, its unit) from its reported metrics; (None, None) when nothing reports it."""
+def _compute(history: list[dict[str, Any]], classifier_passes: float | None) -> tuple[float | None, str | None]:
+    """(training compute of a trial's defence, its unit) from its reported metrics and its classifier's passes; the
+    examples it trained on when it reported no passes (older runs); (None, None) when nothing is known."""
     last = history[-1] if history else {}
-    for key, unit in COMPUTE_KEYS.items():
-        if last.get(key) is not None:
-            return float(last[key]), unit
+    if last.get("compute_passes") is not None and classifier_passes is not None:
+        return float(last["compute_passes"] + last.get("cache_passes", 0.0) + classifier_passes), COMPUTE_UNIT
     per_epoch = {m.get("epoch"): m["train_examples"] for m in history if m.get("train_examples") is not None}
-    return (float(sum(per_epoch.values())), "training examples") if per_epoch else (None, None)
+    return (float(sum(per_epoch.values())), "translator training examples") if per_epoch else (None, None)
+
+
+def _classifier_passes(cfg: ExperimentConfig) -> float | None:
+    """The training passes recorded for the experiment's fixed classifier (its cached metrics.json), if any."""
+    path = cfg.resolved_cache_dir() / "classifiers" / classifier_key(cfg) / "metrics.json"
+    try:
+        return read_json(path).get("compute_passes")
+    except OodrayError:
+        return None
 
 
 def experiment_leaderboard(exp_dir: str | Path, table: pd.DataFrame) -> pd.DataFrame:
@@ -123,22 +140,25 @@ def experiment_leaderboard(exp_dir: str | Path, table: pd.DataFrame) -> pd.DataF
     exp_dir = Path(exp_dir)
     cfg = ExperimentConfig.from_dict(read_json(exp_dir / "oodray_config.json"))
     histories = {trial_name(t["trial_id"]): t["history"] for t in load_trials(exp_dir)}
+    classifier_passes = _classifier_passes(cfg)
     summaries = eval_summaries(exp_dir) if (exp_dir / "eval").is_dir() else {}
     rows: list[dict[str, Any]] = []
     for _, r in table[table["trial"] != "undefended"].iterrows():
         knobs = {name: r.get(k) for k, name in WIDE.items() if k in r and pd.notna(r.get(k))}
-        compute, unit = _compute(histories.get(r["trial"], []))
+        compute, unit = _compute(histories.get(r["trial"], []), classifier_passes)
         extra = {**knobs, "proxy": r.get("robust acc (proxy, adaptive PGD)"), "objective": r.get("objective"),
                  "compute": compute, "compute unit": unit}
         if r["trial"] in summaries:
-            rows += [{**row, **extra} for row in summary_rows(summaries[r["trial"]], r["trial"], "trial", exp_dir.name)]
+            rows += [{**row, **extra, **{k: v for k, v in row.items() if k.startswith("compute") and v is not None}}
+                     for row in summary_rows(summaries[r["trial"]], r["trial"], "trial", exp_dir.name)]
         else:  # not evaluated with AutoAttack: ranked by its proxy, in the experiment's main threat model
             rows.append({"dataset": cfg.data.name, "norm": cfg.eval_norms()[0], "eps": float(cfg.eval_eps()[0]),
                          "version": cfg.eval.version, "n": cfg.eval.n_examples, "defence": r["trial"], "kind": "trial",
                          "arch": r.get("arch"), "source": exp_dir.name, **extra})
     for label, summary in summaries.items():
         if not label.startswith("trial-"):
-            rows += summary_rows(summary, label, "undefended" if label == "undefended" else "baseline", exp_dir.name)
+            kind = "undefended" if label == "undefended" else "refit" if label.startswith("refit-") else "baseline"
+            rows += summary_rows(summary, label, kind, exp_dir.name)
     return pd.DataFrame(rows)
 
 

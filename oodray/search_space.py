@@ -17,7 +17,7 @@ from oodray.errors import ConfigError
 SPACE: dict[str, tuple[str, Any]] = {
     "translator.arch": ("cat", ["unet", "resnet"]),
     "translator.residual": ("cat", [True, False]),
-    "translator.width": ("cat", [8, 16, 32]),
+    "translator.width": ("cat", [8, 16, 32, 64]),
     "translator.norm": ("cat", ["batch", "instance", "none"]),
     "translator.depth": ("int", (1, 3)),  # unet only
     "translator.dropout": ("float", (0.0, 0.3)),  # unet only
@@ -29,11 +29,14 @@ SPACE: dict[str, tuple[str, Any]] = {
     "loss.feature": ("float", (0.0, 1.0)),
     "loss.identity": ("float", (0.0, 2.0)),
     "loss.clean_consistency": ("float", (0.0, 3.0)),
+    "loss.trades": ("float", (0.0, 3.0)),
     "loss.gan": ("cat", [0.0, 0.05]),
     "train.lr": ("float", (1e-4, 3e-3, "log")),
+    "train.lr_schedule": ("cat", ["constant", "cosine"]),
     "train.regime": ("cat", ["oblivious", "adaptive"]),
     "attack.attacks": ("cat", ["pgd", "pgd,fgsm"]),
     "attack.eps_mix": ("cat", ["eps", "eps,half"]),
+    "attack.steps": ("cat", [5, 10]),  # of the training attacks (each value its own oblivious cache)
 }
 CONDITIONAL = {"translator.depth": "unet", "translator.dropout": "unet", "translator.downsamplings": "resnet",
                "translator.blocks": "resnet"}

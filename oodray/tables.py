@@ -22,9 +22,9 @@ from oodray.summaries import read_summary
 RESULT_FILES = ["results.csv", "results.md", "results.json", "pareto.png", "shifts.png", "robust-vs-eps.png",
                 "robust-vs-compute.png"]
 KNOBS = ["translator.depth", "translator.width", "translator.blocks", "translator.downsamplings", "translator.norm",
-         "translator.residual", "train.regime", "train.lr"]
+         "translator.residual", "train.regime", "train.lr", "train.lr_schedule", "attack.steps"]
 WEIGHTS = ["loss.pixel", "loss.consistency", "loss.ce", "loss.feature", "loss.identity", "loss.clean_consistency",
-           "loss.gan"]
+           "loss.trades", "loss.gan"]
 
 
 def load_trials(exp_dir: str | Path) -> list[dict[str, Any]]:

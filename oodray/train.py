@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -36,6 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 from oodray.attacks import attack_specs, mixed_attack
 from oodray.cache import ensure_oblivious_cache
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
+from oodray.compute import Compute, attack_passes, translator_step_passes
 from oodray.config import ExperimentConfig, classifier_key, config_hash, save_config
 from oodray.data import eval_subset, load_dataset, stack
 from oodray.errors import CheckpointError, ConfigError, RunFailed
@@ -128,6 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    entered = time.time()
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -180,6 +183,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     objective = TranslatorObjective(cfg.loss, classifier, disc)
     use_amp = cfg.train.amp and device.type == "cuda"
     g = torch.Generator(device="cpu")
+    compute = Compute.from_metrics(replay)  # cumulative over the run, resumes included
+    passes_per_example = translator_step_passes(cfg.train.regime, attack_specs(cfg), tuple(cfg.loss.weights()))
+    devices_per_worker = cfg.train.gpus_per_worker or cfg.train.cpus_per_worker
+    setup_seconds = time.time() - entered
     if replay is not None:
         # A checkpoint can be saved before its result reaches Tune (a stop or a crash in between): report the resumed
         # epoch's metrics again, so that a scheduler judges that epoch as an uninterrupted run would (ASHA keys its
@@ -191,10 +198,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         g.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
         torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))  # dropout and other global draws
         sampler.set_epoch(epoch)
+        for group in opt.param_groups:  # set from the epoch alone, so a resumed run follows the same schedule
+            group["lr"] = epoch_lr(cfg.train, epoch)
         translator.train()
         sums: dict[str, float] = {}
-        n_batches = 0
+        n_batches = n_examples = 0
+        data_seconds = 0.0
+        fetched = time.time()
         for b, (x, x_cached, y) in enumerate(loader):
+            data_seconds += time.time() - fetched
             if cfg.train.max_batches is not None and b >= cfg.train.max_batches:
                 break
             batch = (x.to(device), x_cached.to(device), y.to(device))
@@ -202,14 +214,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
+            n_examples += len(y)
+            fetched = time.time()
+        train_seconds = time.time() - t0
         metrics: dict[str, Any] = {f"loss_{k}": v / max(1, n_batches) for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, epoch_seconds=time.time() - t0, train_seconds=time.time() - t0,
-                       train_examples=n_batches * cfg.train.batch_size * world, world_size=world,
-                       resumed_from_epoch=start_epoch, node_id=ray.get_runtime_context().get_node_id())
+        # Examples seen by all workers: rank 0's count x world (the DistributedSampler gives every rank equal shares).
+        compute.add(n_examples * world, passes_per_example)
+        metrics.update(epoch=epoch + 1, epoch_seconds=train_seconds, train_seconds=train_seconds,
+                       data_seconds=data_seconds, setup_seconds=setup_seconds,
+                       train_examples=n_examples * world, world_size=world, worker_started_at=entered,
+                       resumed_from_epoch=start_epoch, node_id=ray.get_runtime_context().get_node_id(),
+                       cache_passes=loop_config.get("cache_passes", 0.0))
         if rank == 0:
             raw_t.eval()
+            t_proxy = time.time()
             metrics.update(proxy_metrics(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val))
+            metrics["proxy_seconds"] = time.time() - t_proxy
             metrics["epoch_seconds"] = time.time() - t0
+            compute.add_time(metrics["epoch_seconds"], devices_per_worker * world)
+            metrics.update(compute.to_metrics())
+            t_ckpt = time.time()
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint({
                     "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg.to_dict(),
@@ -219,9 +243,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "gate": gate_state(gate), "metrics": metrics,
                     "classifier_key": loop_config.get("classifier_key"),
                 }, Path(tmp) / CHECKPOINT_FILE)
+                metrics["checkpoint_write_seconds"] = time.time() - t_ckpt
+                metrics["reported_at"] = time.time()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+
+
+def epoch_lr(t: Any, epoch: int) -> float:
+    """The learning rate of an epoch: `train.lr`, cosine-annealed over `train.epochs` when `train.lr_schedule` says."""
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs))
+    return t.lr
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -325,7 +358,10 @@ def prepare_run(cfg: ExperimentConfig) -> dict[str, Any]:
     loop: dict[str, Any] = {"config": cfg.to_dict(), "classifier": ray.put(state),
                             "classifier_key": classifier_key(cfg), "oblivious": None}
     if cfg.train.regime == "oblivious":
-        loop["oblivious"] = ray.put(ensure_oblivious_cache(cfg, cpath))
+        cached = ensure_oblivious_cache(cfg, cpath)
+        loop["oblivious"] = ray.put(cached)
+        # Crafting the cache cost one attack per training example, once; reported beside each run's own passes.
+        loop["cache_passes"] = attack_passes(attack_specs(cfg)) * len(cached)
     return loop
 
 

@@ -45,6 +45,7 @@ from oodray.locks import LOCK_FILE
 from oodray.locks import hold as hold_lock
 from oodray.models.translator import build_translator
 from oodray.progress import Progress, trial_table
+from oodray.refit import check_refit, run_refits
 from oodray.results import (
     RESULT_FILES,
     build_table,
@@ -99,8 +100,9 @@ def precompute_caches(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]]) 
     regimes = values("train.regime")
     if "oblivious" not in regimes:
         return
-    for attacks, eps_mix in itertools.product(values("attack.attacks"), values("attack.eps_mix")):
-        params = {"attack.attacks": attacks, "attack.eps_mix": eps_mix}
+    for attacks, eps_mix, steps in itertools.product(values("attack.attacks"), values("attack.eps_mix"),
+                                                     values("attack.steps")):
+        params = {"attack.attacks": attacks, "attack.eps_mix": eps_mix, "attack.steps": steps}
         variant = cfg.replace(**{k: v for k, v in trial_overrides(params, cfg).items() if k.startswith("attack.")})
         build_oblivious_cache(variant, classifier_path(variant))
 
@@ -202,11 +204,7 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
     else:
         searcher = OptunaSearch(space=DefineByRun(space, max_depth), metric="objective", mode="max",
                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
-    scheduler = None
-    if cfg.tune.scheduler == "asha":
-        scheduler = ResumableASHA(str(Path(local_dir) / SCHEDULER_STATE), metric="robust_accuracy" if pareto else
-                                  "objective", mode="max", time_attr="epoch", max_t=cfg.train.epochs,
-                                  grace_period=min(cfg.tune.grace_period, cfg.train.epochs), reduction_factor=2)
+    scheduler = build_scheduler(cfg, Path(local_dir) / SCHEDULER_STATE)
     concurrency = cfg.tune.max_concurrent or cluster_concurrency(cfg)
     log.info("search: %d trials, %d at a time, objective %s", cfg.tune.num_samples, concurrency, cfg.tune.objective)
     tuner = tune.Tuner(
@@ -220,13 +218,37 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
         return tuner.fit()
 
 
-def final_evaluation(cfg: ExperimentConfig, exp_dir: Path) -> None:
-    """Full AutoAttack on the top-k trials and on the undefended classifier, in this run; finished ones are kept."""
+def build_scheduler(cfg: ExperimentConfig, state_path: Path) -> Any:
+    """The trial scheduler `tune.scheduler` names: ASHA (resumable), synchronous HyperBand, or none (FIFO)."""
+    from ray.tune.schedulers import HyperBandScheduler
+
+    t = cfg.tune
+    common = {"metric": "robust_accuracy" if t.objective == "pareto" else "objective", "mode": "max",
+              "time_attr": "epoch", "max_t": cfg.train.epochs, "reduction_factor": t.reduction_factor}
+    if t.scheduler == "asha":
+        return ResumableASHA(str(state_path), grace_period=min(t.grace_period, cfg.train.epochs), **common)
+    if t.scheduler == "hyperband":
+        return HyperBandScheduler(**common)
+    return None
+
+
+def top_trials(cfg: ExperimentConfig, exp_dir: Path) -> list[dict[str, Any]]:
+    """The search's best `tune.final_top_k` trials that left a checkpoint, best first."""
     trials = rank_trials(load_trials(exp_dir), cfg.tune.objective)
-    top = [t for t in trials if t.get("checkpoint")][: cfg.tune.final_top_k]
+    return [t for t in trials if t.get("checkpoint")][: cfg.tune.final_top_k]
+
+
+def final_evaluation(cfg: ExperimentConfig, exp_dir: Path,
+                     refits: list[tuple[ExperimentConfig, str, str]] | None = None) -> None:
+    """Full AutoAttack on the undefended classifier and on the refit models (when the search has a refit stage), else
+    on the top-k trials, in this run; finished ones are kept."""
     jobs: list[tuple[ExperimentConfig, str | None, str]] = [
         (cfg.replace(**{"translator.arch": "identity"}), None, "undefended")]
-    jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], trial_name(t['trial_id'])) for t in top]
+    if refits:
+        jobs += refits
+    else:
+        jobs += [(ExperimentConfig.from_dict(t["config"]), t["checkpoint"], trial_name(t['trial_id']))
+                 for t in top_trials(cfg, exp_dir)]
     for job_cfg, ckpt, label in Progress("final AutoAttack", len(jobs), "models").track(jobs):
         out = safe_child(exp_dir / "eval", label)  # trial ids come from files in the experiment directory
         if (out / "summary.json").exists():
@@ -245,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers-per-trial", type=int)
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: sized from the cluster)")
-    p.add_argument("--final-top-k", type=int, help="trials evaluated with full AutoAttack after the search")
+    p.add_argument("--final-top-k", type=int,
+                   help="trials evaluated with full AutoAttack after the search (refit first with a refit budget)")
+    p.add_argument("--refit-epochs", type=int, help="refit the top-k configurations from scratch for this many epochs")
+    p.add_argument("--refit-match", action="append", metavar="EVAL_DIR",
+                   help="refit at the training compute of the strongest of these evaluated baselines (repeatable)")
     p.add_argument("--storage", help="local path, shared path or s3:// / gs:// URI (default: runs)")
     p.add_argument("--name", help="experiment name (default: derived from the config)")
     p.add_argument("--local-dir", default="runs", help="local staging directory when --storage is a URI")
@@ -255,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
     cfg = config_from_args(args, {
         "tune": {"objective": args.objective, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-                 "final_top_k": args.final_top_k},
+                 "final_top_k": args.final_top_k, "refit_epochs": args.refit_epochs,
+                 "refit_match": args.refit_match},
         "train": {"epochs": args.epochs, "workers": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker},
         "storage": args.storage, "name": args.name})
     space = narrowed_space(cfg.tune.space)  # bad narrowing, or a value the config refuses, fails before anything starts
@@ -286,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                               " differ); resume it with the same command, or pass --name for a new one")
     need_cpu, need_gpu, what = trial_resources(cfg)
     check_resources(need_cpu, need_gpu, what)  # the local machine, before Ray starts
+    check_refit(cfg)  # matched baselines evaluated, with their compute
     splits = load_dataset(cfg.data)  # bad data or a bad cached C fail here, before Ray starts or anything is written
     get_classifier(cfg, splits)  # train and cache C once, before trials share it
     arch_kind, archs = space["translator.arch"]
@@ -319,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         if not load_trials(exp_dir):
             raise RunFailed(f"no trial reported a result ({len(errors)} failed; first error: "
                             f"{str(errors[0]).strip().splitlines()[-1] if errors else 'none'}); nothing to evaluate")
+        refits = None
+        if cfg.tune.refit_epochs is not None or cfg.tune.refit_match:
+            step = "the refit"
+            refits = run_refits(cfg, top_trials(cfg, exp_dir), exp_uri, exp_dir, len(splits.train))
         step = "the final AutoAttack evaluation"
-        final_evaluation(cfg, exp_dir)
+        final_evaluation(cfg, exp_dir, refits)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped during {step}; finished work is kept in {exp_uri}. Resume with: "
                           f"{resume_cmd}") from None

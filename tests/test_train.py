@@ -4,8 +4,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
+from oodray.attacks import attack_specs
 from oodray.cache import build_oblivious_cache, cache_dir, load_oblivious_cache
 from oodray.classifier import get_classifier
+from oodray.compute import attack_passes, translator_step_passes
 from oodray.config import resolve_config
 from oodray.models.translator import load_translator_checkpoint
 from oodray.train import fit_translator, prepare_run
@@ -40,6 +42,14 @@ def test_two_worker_training_checkpoints_and_resumes(ray_local, tmp_path):
     assert any(not torch.equal(first[k], state2["translator"][k]) for k in first)
     assert result2.metrics["resumed_from_epoch"] == 1  # epoch 1 was not trained again
     assert result.metrics["resumed_from_epoch"] == 0
+
+    # Compute is cumulative over the run, the resumed epoch continuing from the checkpoint's totals.
+    per_example = translator_step_passes("oblivious", attack_specs(cfg), tuple(cfg.loss.weights()))
+    seen = 3 * cfg.train.batch_size * 2  # 3 batches per worker, 2 workers
+    assert result.metrics["compute_examples"] == seen and result2.metrics["compute_examples"] == 2 * seen
+    assert result2.metrics["compute_passes"] == pytest.approx(2 * seen * per_example)
+    assert result2.metrics["compute_wall_seconds"] > result.metrics["compute_wall_seconds"] > 0
+    assert result.metrics["cache_passes"] == attack_passes(attack_specs(cfg)) * 400  # synthetic: 400 training images
 
 
 def test_adaptive_regime_and_gate(ray_local, tmp_path):

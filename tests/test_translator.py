@@ -78,3 +78,36 @@ def test_negative_weights_and_unknown_terms_are_refused():
         resolve_config("digits", overrides=["loss.ce=-0.1"])
     with pytest.raises(ConfigError, match="unknown config key 'loss.perceptual'"):
         resolve_config("digits", overrides=["loss.perceptual=1"])
+
+
+def test_trades_term_ties_attacked_to_clean_predictions_through_t():
+    """loss.trades = KL(C(T(x)) || C(T(x_ood))): zero when the OOD input equals the clean one, positive otherwise,
+    with gradients reaching T through both sides."""
+    from oodray.config import resolve_config
+    from oodray.data import load_dataset
+    from oodray.losses import TranslatorObjective
+    from oodray.models.classifier import build_classifier
+
+    cfg = resolve_config("synthetic", overrides=["loss.trades=1", "loss.pixel=0", "loss.consistency=0",
+                                                 "loss.identity=0", "loss.clean_consistency=0"])
+    info = load_dataset(cfg.data).info
+    torch.manual_seed(0)
+    c = build_classifier(cfg.classifier.arch, info).eval()
+    t = build_translator(cfg.translator, info.channels, info.image_size)
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    objective = TranslatorObjective(cfg.loss, c)
+    loss, terms, _ = objective(t, x, x, y)
+    assert set(terms) == {"trades"} and terms["trades"] == pytest.approx(0.0, abs=1e-6)
+    loss, terms, _ = objective(t, x, (x + 0.3 * torch.rand_like(x)).clamp(0, 1), y)
+    assert terms["trades"] > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.parameters())
+
+
+def test_cosine_schedule_is_a_function_of_the_epoch():
+    from oodray.config import resolve_config
+    from oodray.train import epoch_lr
+
+    t = resolve_config("synthetic", overrides=["train.lr_schedule=cosine", "train.epochs=4", "train.lr=0.1"]).train
+    assert [round(epoch_lr(t, e), 6) for e in range(4)] == [0.1, 0.085355, 0.05, 0.014645]
+    assert epoch_lr(t.__class__(lr=0.1), 3) == 0.1  # constant by default

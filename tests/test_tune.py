@@ -154,3 +154,29 @@ def test_asha_rungs_survive_a_restore(tmp_path):
         s.on_trial_add(None, late)
     assert restored.on_trial_result(None, late, {"epoch": 1, "objective": 0.1}) == "STOP"
     assert fresh.on_trial_result(None, late, {"epoch": 1, "objective": 0.1}) == "CONTINUE"
+
+
+def test_refit_stage_retrains_the_best_config_and_is_what_gets_evaluated(tmp_path):
+    """--refit-epochs: the top configuration is trained again from scratch for that budget, the final AutoAttack
+    evaluates the refit model (not the short search trial), its row carries its training compute, and a resume
+    re-trains and re-evaluates nothing."""
+    args = [*TINY, "--num-samples", "1", "--refit-epochs", "2", "--storage", str(tmp_path), "--name", "refit"]
+    proc = run_cli("oodray.tune", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp = tmp_path / "refit"
+    [run] = list((exp / "refit").glob("refit-trial-*"))
+    ckpts = sorted(run.glob("checkpoint_*/translator.pt"))
+    assert len(ckpts) == 2  # two epochs, each checkpointed
+    summary = json.loads((exp / "eval" / run.name / "summary.json").read_text())
+    assert summary["config"]["train"]["epochs"] == 2 and summary["config"]["train"]["max_batches"] is None
+    tc = summary["training_compute"]
+    assert tc["translator_examples"] == 2 * (400 // 32) * 32 and tc["passes"] == tc["classifier_passes"] + tc["translator_passes"] \
+        + tc["cache_passes"]  # whole epochs of synthetic (400 images, batches of 32, the last one dropped)
+    assert not list((exp / "eval").glob("trial-*"))  # the search's own trial is not what is reported
+    lb = json.loads((exp / "results.json").read_text()) if (exp / "results.json").exists() else None
+    assert lb is not None
+    assert run.name in proc.stdout and "refit" in proc.stdout
+    before = {p: p.stat().st_mtime for p in [*ckpts, *(exp / "eval").glob("*/summary.json")]}
+    again = run_cli("oodray.tune", *args, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in before} == before

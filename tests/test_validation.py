@@ -45,6 +45,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "loss.feature": ("-1", ">= 0"),
     "loss.identity": ("-1", ">= 0"),
     "loss.clean_consistency": ("-1", ">= 0"),
+    "loss.trades": ("-1", ">= 0"),
     "loss.gan": ("-1", ">= 0"),
     "attack.norm": ("L1", "Linf, L2"),
     "attack.eps": ("0", "out of range"),
@@ -54,6 +55,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "attack.shift_fraction": ("1.5", "[0, 1]"),
     "train.epochs": ("0", "> 0"),
     "train.lr": ("-1", "> 0"),
+    "train.lr_schedule": ("step", "constant, cosine"),
     "train.batch_size": ("0", "> 0"),
     "train.regime": ("online", "oblivious, adaptive"),
     "train.workers": ("0", "> 0"),
@@ -80,7 +82,9 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "tune.objective": ("fastest", "robust, pareto"),
     "tune.max_concurrent": ("0", "> 0"),
     "tune.final_top_k": ("-1", ">= 0"),
-    "tune.scheduler": ("pbt", "asha, fifo"),
+    "tune.scheduler": ("pbt", "asha, hyperband, fifo"),
+    "tune.reduction_factor": ("1", ">= 2"),
+    "tune.refit_epochs": ("0", "> 0"),
     "tune.grace_period": ("0", "> 0"),
     "tune.min_clean_accuracy_drop": ("2", "[0, 1]"),
 }
@@ -90,7 +94,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
 CHECKED_BY_THE_CLI = {"name": "name-escapes", "storage": "storage-is-a-file", "cache_dir": "cache-dir-is-a-file",
                       "data.data_dir": "data-dir-empty", "classifier.arch": "classifier-arch",
                       "classifier.weights": "weights-ignored", "translator.arch": "translator-arch",
-                      "tune.space": "space-value"}
+                      "tune.space": "space-value", "tune.refit_match": "refit-match-missing"}
 
 
 def test_every_config_key_has_a_bad_value():
@@ -129,6 +133,8 @@ def _cli_rows(tmp):
         ("translator-arch", "train", [*syn, *store, "--set", "translator.arch=vit"], ["unknown translator 'vit'"]),
         ("space-value", "tune", [*syn, *store, "--set", "tune.space={translator.width: [0, 8]}"],
          ["tune.space", "translator.width", "> 0"]),
+        ("refit-match-missing", "tune", [*syn, *store, "--refit-match", str(tmp / "empty")],
+         ["tune.refit_match", "no summary.json"]),
         ("space-key", "tune", [*syn, *store, "--set", "tune.space={translator.heads: [2]}"], ["not searched"]),
         ("train-workers-exceed-cpus", "train", [*syn, *store, "--workers", "64"], ["needs 64 CPUs", "has"]),
         ("train-gpus-missing", "train", [*syn, *store, "--gpus-per-worker", "1"], ["GPUs", "cluster has 0"]),
@@ -163,7 +169,7 @@ def rows(tmp_path_factory):
 
 
 CLI_ROW_IDS = ["name-escapes", "storage-is-a-file", "cache-dir-is-a-file", "data-dir-empty", "classifier-arch",
-               "weights-ignored", "translator-arch", "space-value", "space-key", "train-workers-exceed-cpus",
+               "weights-ignored", "translator-arch", "space-value", "refit-match-missing", "space-key", "train-workers-exceed-cpus",
                "train-gpus-missing", "tune-workers-exceed-cpus", "eval-cpus-exceed", "eval-cpus-negative",
                "eval-eps-text", "eval-norm", "eval-no-translator", "eval-unknown-translator", "eval-both",
                "eval-checkpoint-missing", "classifier-eps", "tune-resume-nothing", "tune-max-concurrent",

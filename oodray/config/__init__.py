@@ -25,6 +25,7 @@ from oodray.config.schema import (
     NORMS,
     OBJECTIVES,
     REGIMES,
+    SCHEDULERS,
     THREAT_MODELS,
     TRAIN_ATTACKS,
     AttackConfig,
@@ -43,7 +44,8 @@ from oodray.config.schema import (
 _check_eps = check_eps  # the name earlier versions exported
 
 __all__ = [
-    "AA_VERSIONS", "LOSS_TERMS", "NORMS", "OBJECTIVES", "PRESETS", "REGIMES", "THREAT_MODELS", "TRAIN_ATTACKS",
+    "AA_VERSIONS", "LOSS_TERMS", "NORMS", "OBJECTIVES", "PRESETS", "REGIMES", "SCHEDULERS", "THREAT_MODELS",
+    "TRAIN_ATTACKS",
     "AttackConfig", "ClassifierConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "TrainConfig",
     "TranslatorConfig", "TuneConfig", "check_eps", "classifier_key", "config_for_checkpoint", "config_hash",
     "flatten", "load_yaml", "parse_override", "resolve_config", "save_config",

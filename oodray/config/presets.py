@@ -22,7 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack": {"eps": 0.2, "steps": 10},
         "train": {"epochs": 3, "batch_size": 64, "proxy_examples": 180},
         "eval": {"n_examples": 200, "shards": 2},
-        "tune": {"num_samples": 4, "final_top_k": 1},
+        "tune": {"num_samples": 4, "final_top_k": 1, "refit_epochs": 6},  # the best config refit for 2x the budget
     },
     # Sized for a 2-core CPU machine (search + final AutoAttack: 84 min there): 60 batches of 128 per epoch,
     # U-Nets of width 8-16, PGD only; a GPU cluster lifts max_batches and widens the space.

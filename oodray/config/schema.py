@@ -25,6 +25,7 @@ THREAT_MODELS = ("oblivious", "adaptive", "transfer")
 REGIMES = ("oblivious", "adaptive")
 AA_VERSIONS = ("standard", "plus", "rand")
 OBJECTIVES = ("robust", "pareto")
+SCHEDULERS = ("asha", "hyperband", "fifo")
 TRAIN_ATTACKS = ("pgd", "fgsm", "apgd-ce")
 
 
@@ -117,7 +118,7 @@ class TranslatorConfig:
             _check_positive("translator.depth", self.depth)
 
 
-LOSS_TERMS = ("pixel", "consistency", "ce", "feature", "identity", "clean_consistency", "gan")
+LOSS_TERMS = ("pixel", "consistency", "ce", "feature", "identity", "clean_consistency", "trades", "gan")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class LossConfig:
     feature: float = 0.0  # perceptual: C's intermediate features of T(x_ood) vs x_clean
     identity: float = 1.0  # |T(x) - x| on clean inputs
     clean_consistency: float = 1.0  # KL(C(x) || C(T(x))) on clean inputs: keeps clean accuracy
+    trades: float = 0.0  # TRADES-style KL(C(T(x)) || C(T(x_ood))), gradients through both sides
     gan: float = 0.0  # PatchGAN adversarial term
 
     def __post_init__(self) -> None:
@@ -176,6 +178,7 @@ class AttackConfig:
 class TrainConfig:
     epochs: int = 5
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over train.epochs, set per epoch)
     batch_size: int = 64  # per worker
     regime: str = "oblivious"  # oblivious (cached attacks on C) | adaptive (on the fly against C(T(.)))
     workers: int = 1
@@ -190,6 +193,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("train.regime", self.regime, REGIMES)
+        check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.lr", self.lr)
         _check_positive("train.workers", self.workers)
@@ -238,19 +242,32 @@ class TuneConfig:
     objective: str = "robust"  # robust (TPE on proxy robust acc) | pareto (NSGA-II on robust and clean)
     max_concurrent: int | None = None  # None -> sized from the cluster's resources
     final_top_k: int = 1
-    scheduler: str = "asha"  # asha (stops weak trials early) | fifo (every trial runs its full budget)
+    scheduler: str = "asha"  # asha (stops weak trials early) | hyperband (synchronous brackets) | fifo (full budgets)
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 2  # ASHA/HyperBand: 1/reduction_factor of the trials at a rung go on to the next
     min_clean_accuracy_drop: float = 0.05  # robust objective: trials losing more clean accuracy are penalised
     space: dict[str, Any] = field(default_factory=dict)  # narrows/fixes the search space: {"translator.arch": ["unet"]}
+    # Refit (oodray.refit): the top final_top_k configurations retrained from scratch before the final AutoAttack, for
+    # refit_epochs full epochs, or matched to the training compute of the strongest baseline in refit_match
+    # (evaluation directories). Neither set: no refit; the search's own trials are evaluated.
+    refit_epochs: int | None = None
+    refit_match: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("tune.objective", self.objective, OBJECTIVES)
-        check_choice("tune.scheduler", self.scheduler, ("asha", "fifo"))
+        check_choice("tune.scheduler", self.scheduler, SCHEDULERS)
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) \
+                or self.reduction_factor < 2:
+            raise ConfigError(f"tune.reduction_factor={self.reduction_factor!r} must be an integer >= 2")
         _check_positive("tune.num_samples", self.num_samples)
         _check_positive("tune.final_top_k", self.final_top_k, allow_zero=True)
         _check_positive("tune.grace_period", self.grace_period)
         if self.max_concurrent is not None:
             _check_positive("tune.max_concurrent", self.max_concurrent)
+        if self.refit_epochs is not None:
+            _check_positive("tune.refit_epochs", self.refit_epochs)
+        if isinstance(self.refit_match, str) or not all(isinstance(d, str) and d for d in self.refit_match):
+            raise ConfigError(f"tune.refit_match={self.refit_match!r} must be a list of evaluation directories")
         if not 0.0 <= self.min_clean_accuracy_drop <= 1.0:
             raise ConfigError(f"tune.min_clean_accuracy_drop={self.min_clean_accuracy_drop!r} must be in [0, 1]")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from oodray.attacks import autoattack_settings
+from oodray.compute import defence_compute
 from oodray.config import ExperimentConfig
 from oodray.errors import RunFailed
 from oodray.evaluate.plan import (
@@ -199,6 +200,7 @@ def _summary(inp: _Inputs, clean: dict[str, Any], shifts: dict[str, Any] | None,
         "gate_flag_rate": gate_rates,
         "sanity": inp.notes + sanity_checks({k: results[k] for k in order}, inp.num_classes),
         "n_examples": inp.meta["n_examples"], "version": inp.cfg.eval.version, "config": inp.meta["config"],
+        "training_compute": defence_compute(inp.classifier_state, inp.translator_state, inp.train_examples),
     }
 
 

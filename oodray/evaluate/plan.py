@@ -93,7 +93,7 @@ def _translator_state(cfg: ExperimentConfig, checkpoint: str | Path | None) -> t
     p = Path(checkpoint)
     sha = _sha256(p / CHECKPOINT_FILE if p.is_dir() else p)
     return {"config": state["config"], "translator": state["translator"], "gate": state.get("gate"),
-            "path": str(checkpoint)}, sha
+            "metrics": state.get("metrics"), "path": str(checkpoint)}, sha
 
 
 @dataclass
@@ -114,6 +114,7 @@ class _Inputs:
     gated: bool
     num_classes: int
     notes: list[dict[str, Any]] = field(default_factory=list)  # sanity records found while loading
+    train_examples: int | None = None  # size of the training split (derives the compute of older classifiers)
 
 
 def _load_inputs(cfg: ExperimentConfig, checkpoint: str | Path | None, label: str) -> _Inputs:
@@ -143,7 +144,7 @@ def _load_inputs(cfg: ExperimentConfig, checkpoint: str | Path | None, label: st
             "n_examples": len(y), "config": cfg.to_dict()}
     return _Inputs(cfg, x, y, block, classifier_state, translator_state, surrogate_state, surrogate_sha, fingerprint,
                    meta, is_stochastic(defended, x[:block]), getattr(defended, "gate", None) is not None,
-                   splits.info.num_classes, notes)
+                   splits.info.num_classes, notes, train_examples=len(splits.train))
 
 
 @dataclass
