@@ -1,0 +1,86 @@
+"""What every benchmark here shares: sides measured interleaved (A B, then B A, ...) so that drift in the machine's
+load hits all of them alike, repeated, and reported as median with min-max, with the load average before and after.
+
+    from spread import Spread, interleaved, load_line
+    runs = interleaved({"plain": measure_plain, "ray": measure_ray}, repeats=3)   # {"plain": [v, v, v], ...}
+    print(Spread(runs["plain"]).fmt("{:.0f}"), load_line(before))
+
+A figure is only quoted with its spread; two runs of a benchmark agree when each median lies inside the other's
+min-max.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `python benchmarks/x.py`
+
+
+@dataclass(frozen=True)
+class Spread:
+    values: tuple[float, ...]
+
+    def __init__(self, values: Any) -> None:
+        vals = tuple(float(v) for v in values)
+        if not vals:
+            raise ValueError("a spread needs at least one value")
+        object.__setattr__(self, "values", vals)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def lo(self) -> float:
+        return min(self.values)
+
+    @property
+    def hi(self) -> float:
+        return max(self.values)
+
+    def fmt(self, spec: str = "{:.2f}", unit: str = "") -> str:
+        """'median unit (min-max, n=k)'."""
+        return (f"{spec.format(self.median)}{unit} ({spec.format(self.lo)}-{spec.format(self.hi)}, "
+                f"n={len(self.values)})")
+
+    def ratio(self, other: Spread) -> Spread:
+        """Per-repeat ratios self/other (repeats paired, as measured side by side)."""
+        return Spread(a / b for a, b in zip(self.values, other.values, strict=True))
+
+
+def interleaved(sides: dict[str, Callable[[], Any]], repeats: int, *, log: Callable[[str], None] = print,
+                ) -> dict[str, list[Any]]:
+    """Runs every side `repeats` times, in the order A B C, then C B A, then A B C...; returns each side's results."""
+    if repeats < 1:
+        raise SystemExit(f"--repeats={repeats}: must be at least 1 (3 or more to report a spread)")
+    names = list(sides)
+    out: dict[str, list[Any]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            out[n].append(sides[n]())
+            log(f"  repeat {r + 1}/{repeats} {n}: {_short(out[n][-1])}   (load {load():.2f})")
+    return out
+
+
+def load() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def load_line(before: float) -> str:
+    return (f"machine: {os.cpu_count()} CPUs, 1-min load average {before:.2f} before, {load():.2f} after "
+            "(a busy machine skews wall-clock figures; compare runs made at similar load)")
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, tuple | list):
+        return ", ".join(_short(x) for x in v)
+    return str(v)
