@@ -5,10 +5,11 @@
 
 Both runs evaluate the same thing (`run_evaluation`, oblivious AutoAttack standard on the digits CNN through the
 identity translator, no shifts) into fresh directories, on a local Ray with K CPUs, after one warm-up task per CPU so
-that worker start-up is not timed; with --repeats the two modes alternate and the best time of each is kept. Prints
-each wall time with the share of a CPU each task actually got, the speed-up (target >= 0.8 x K), a load-independent
-estimate from CPU seconds (other work on the machine skews the wall-clock ratio, not the work each task did), whether
-the per-example flags agree, and the mean round trip of an empty task (submit + get, one at a time).
+that worker start-up is not timed; the two modes alternate (1 K, K 1, ...) for --repeats rounds (default 3) and each
+figure is the median with its min-max. Prints each wall time with the share of a CPU each task actually got, the
+speed-up (target >= 0.8 x K, paired per round), a load-independent estimate from CPU seconds (other work on the machine
+skews the wall-clock ratio, not the work each task did), whether the per-example flags agree, the mean round trip of
+an empty task (submit + get, one at a time), and the load average before and after.
 The fixed classifier is trained and cached first if missing (not timed); OODRAY_CACHE chooses the cache.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
+from spread import Spread, load, load_line  # noqa: E402
 
 from oodray.classifier import get_classifier  # noqa: E402
 from oodray.config import resolve_config  # noqa: E402
@@ -48,8 +50,9 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=0.12)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--overhead-tasks", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating order; the best is kept")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each mode, in alternating order")
     args = p.parse_args()
+    before = load()
     k = args.shards
     cfg = resolve_config("digits", overrides=[
         "translator.arch=identity", f"eval.n_examples={args.n_examples}", "eval.threat_models=[oblivious]",
@@ -86,17 +89,20 @@ def main() -> None:
                       f"task(s): {tasks}", flush=True)
     ray.shutdown()
     block = block_size(args.n_examples, cfg.eval.batch_size)
-    t1, tk = min(times[1]), min(times[k])
+    t1, tk = Spread(times[1]), Spread(times[k])
     print(f"\ndigits CNN, identity translator, AutoAttack standard Linf {args.eps:g}, {args.n_examples} examples in "
-          f"blocks of {block}, {len(set(pids))} warm workers on {k} CPUs (1-min load average up to {max(loads):.1f}; "
-          f"{os.cpu_count()} CPUs)")
-    print(f"1 task {t1:.1f} s, {k} shards {tk:.1f} s (best of {args.repeats})")
-    print(f"speed-up {k} shards vs 1 task: {t1 / tk:.2f}x = {t1 / tk / k:.2f} x K (target >= 0.80 x K)")
-    c1, ck = min(cpu[1]), min(cpu[k])
-    print(f"load-independent estimate (CPU seconds of the single task / of the slowest shard): {c1:.1f} / {ck:.1f} "
-          f"= {c1 / ck:.2f}x = {c1 / ck / k:.2f} x K")
+          f"blocks of {block}, {len(set(pids))} warm workers on {k} CPUs (1-min load average up to {max(loads):.1f}); "
+          f"median (min-max) of {args.repeats} alternating rounds")
+    print(f"1 task {t1.fmt('{:.1f}', ' s')}, {k} shards {tk.fmt('{:.1f}', ' s')}")
+    speed = t1.ratio(tk)
+    print(f"speed-up {k} shards vs 1 task: {speed.fmt('{:.2f}', 'x')} = "
+          f"{Spread(v / k for v in speed.values).fmt()} x K (target >= 0.80 x K)")
+    c = Spread(cpu[1]).ratio(Spread(cpu[k]))
+    print(f"load-independent estimate (CPU seconds of the single task / of the slowest shard): "
+          f"{c.fmt('{:.2f}', 'x')} = {Spread(v / k for v in c.values).fmt()} x K")
     print(f"per-example flags identical: {flags[1] == flags[k]}")
     print(f"Ray empty-task round trip: {1000 * overhead:.2f} ms (mean of {args.overhead_tasks})")
+    print(load_line(before))
 
 if __name__ == "__main__":
     main()

@@ -84,3 +84,17 @@ def _short(v: Any) -> str:
     if isinstance(v, tuple | list):
         return ", ".join(_short(x) for x in v)
     return str(v)
+
+
+def fit_split(result: Any, t_fit: float, t_done: float) -> dict[str, float]:
+    """Where a Ray Train fit's wall time went, from oodray's per-epoch metrics: Ray's start (fit() to the worker
+    loop's first line), the worker's set-up, training batches, proxy evaluation, checkpoint writes, time between
+    epochs (reports, checkpoint upload) and Ray's shutdown (the last report to fit()'s return)."""
+    df = result.metrics_dataframe
+    wall = t_done - t_fit
+    out = {"wall": wall, "start": float(df["worker_started_at"].iloc[0]) - t_fit,
+           "setup": float(df["setup_seconds"].iloc[0]), "train": float(df["train_seconds"].sum()),
+           "proxy": float(df["proxy_seconds"].sum()), "checkpoints": float(df["checkpoint_write_seconds"].sum()),
+           "end": t_done - float(df["reported_at"].iloc[-1])}
+    out["between"] = wall - sum(out[k] for k in ("start", "setup", "train", "proxy", "checkpoints", "end"))
+    return out

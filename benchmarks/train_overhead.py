@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import torch
-from spread import Spread, interleaved, load, load_line  # puts the repository on sys.path for what follows
+from spread import Spread, fit_split, interleaved, load, load_line  # puts the repository on sys.path for what follows
 from torch.utils.data import DataLoader
 
 from oodray.cache import ensure_oblivious_cache
@@ -70,14 +70,9 @@ def under_ray(cfg, storage: str, name: str) -> dict[str, float]:
     t1 = time.time()
     df = result.metrics_dataframe
     later = df[df["epoch"] > 1]
-    fixed = t1 - t0 - float(df["epoch_seconds"].sum())
-    setup = float(df["setup_seconds"].iloc[0])
-    start = float(df["worker_started_at"].iloc[0]) - t0
-    ckpt = float(df["checkpoint_write_seconds"].sum())
-    end = t1 - float(df["reported_at"].iloc[-1])
-    return {"rate": float((later["train_examples"] / later["train_seconds"]).mean()), "fixed": fixed,
-            "start": start, "setup": setup, "checkpoints": ckpt, "end": end,
-            "between": fixed - start - setup - ckpt - end}
+    split = fit_split(result, t0, t1)
+    return {"rate": float((later["train_examples"] / later["train_seconds"]).mean()),
+            "fixed": split["wall"] - split["train"] - split["proxy"], **split}
 
 
 def profile_loop(loop_config: dict) -> None:

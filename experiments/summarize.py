@@ -39,6 +39,11 @@ def _row(s: dict, label: str) -> dict:
         threat, rest = k.split("/", 1)
         row[f"{threat} ({rest})"] = attacks[k]
     row.update({k[len("shift "):]: v for k, v in recs[0].items() if k.startswith("shift ")})
+    tc = s.get("training_compute") or {}
+    row["compute (passes)"] = f"{tc['passes']:.3g}" if tc.get("passes") is not None else "not recorded"
+    walls = [tc.get(k) for k in ("classifier_wall_seconds", "translator_wall_seconds") if tc.get(k) is not None]
+    row["train s"] = round(sum(walls)) if walls else None
+    row["eval s"] = s.get("seconds")
     return row
 
 
@@ -65,7 +70,9 @@ def main() -> None:
     print(table.to_markdown(index=False, floatfmt=".3f"))
     print("\nRows with the identity translator (no translator in front of C) have one attacker for oblivious and "
           "adaptive: the same AutoAttack run on C fills both columns. Shift columns: accuracy of C(T(.)) averaged "
-          "over severities 1-5.\n")
+          "over severities 1-5. compute: the defence's whole training compute in forward+backward passes per example "
+          "(classifier + translator + its oblivious cache; PGD-k steps count k, see oodray/compute.py); train s: "
+          "measured training wall seconds (classifier + translator); eval s: wall seconds of this evaluation.\n")
     print("Sanity tells of the evaluation (gradient masking, AutoAttack's own warnings):" +
           (" none fired." if not tells else "\n"))
     for label, t in tells:

@@ -170,8 +170,8 @@ def test_refit_stage_retrains_the_best_config_and_is_what_gets_evaluated(tmp_pat
     summary = json.loads((exp / "eval" / run.name / "summary.json").read_text())
     assert summary["config"]["train"]["epochs"] == 2 and summary["config"]["train"]["max_batches"] is None
     tc = summary["training_compute"]
-    assert tc["translator_examples"] == 2 * (400 // 32) * 32 and tc["passes"] == tc["classifier_passes"] + tc["translator_passes"] \
-        + tc["cache_passes"]  # whole epochs of synthetic (400 images, batches of 32, the last one dropped)
+    assert tc["translator_examples"] == 2 * (400 // 32) * 32  # whole epochs: 400 images, batches of 32, last dropped
+    assert tc["passes"] == tc["classifier_passes"] + tc["translator_passes"] + tc["cache_passes"]
     assert not list((exp / "eval").glob("trial-*"))  # the search's own trial is not what is reported
     lb = json.loads((exp / "results.json").read_text()) if (exp / "results.json").exists() else None
     assert lb is not None

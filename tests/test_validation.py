@@ -169,7 +169,8 @@ def rows(tmp_path_factory):
 
 
 CLI_ROW_IDS = ["name-escapes", "storage-is-a-file", "cache-dir-is-a-file", "data-dir-empty", "classifier-arch",
-               "weights-ignored", "translator-arch", "space-value", "refit-match-missing", "space-key", "train-workers-exceed-cpus",
+               "weights-ignored", "translator-arch", "space-value", "refit-match-missing", "space-key",
+               "train-workers-exceed-cpus",
                "train-gpus-missing", "tune-workers-exceed-cpus", "eval-cpus-exceed", "eval-cpus-negative",
                "eval-eps-text", "eval-norm", "eval-no-translator", "eval-unknown-translator", "eval-both",
                "eval-checkpoint-missing", "classifier-eps", "tune-resume-nothing", "tune-max-concurrent",

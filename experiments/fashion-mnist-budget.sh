@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Robust accuracy vs training compute on Fashion-MNIST (Linf 0.1): the best searched translator configuration, refit
+# from scratch, against PGD-AT and TRADES, at matched training compute, each evaluated with AutoAttack standard on the
+# same 1,000 test images (adaptive, oblivious, transfer, clean, natural shifts). Needs the search of
+# experiments/fashion-mnist.sh (SEARCH below). Every step is skipped when its output exists and resumes when it was
+# interrupted, so the script can be stopped and run again:
+#   bash experiments/fashion-mnist-budget.sh [OUT_DIR]         (default: runs/fashion-mnist-budget)
+#   BUDGETS="1 3 8" SEARCH=runs/fashion-mnist-experiment/search DATASET=fashion-mnist EPS=0.1 N=1000
+# Budget B = PGD-AT's B epochs of PGD-7 (8 passes per example); TRADES (7 inner steps: 9 passes per example) trains for
+# the whole epochs nearest that compute; the translator is refit at exactly PGD-AT's compute (`oodray.refit --match`).
+set -euo pipefail
+OUT=${1:-runs/fashion-mnist-budget}
+PY=${PY:-python}
+DATASET=${DATASET:-fashion-mnist}
+EPS=${EPS:-0.1}
+N=${N:-1000}
+BUDGETS=${BUDGETS:-"1 3 8"}
+SEARCH=${SEARCH:-runs/fashion-mnist-experiment/search}
+RESULTS=${RESULTS:-experiments/results/$DATASET-budget}
+[ -f "$SEARCH/oodray_config.json" ] || { echo "error: no search at '$SEARCH'; run experiments/$DATASET.sh first" >&2; exit 2; }
+EVAL=(--dataset "$DATASET" --n-examples "$N")
+mkdir -p "$OUT"
+date +"%F %T start" >> "$OUT/timings.log"
+step() {  # step NAME COMMAND...: runs and logs its wall time (resumed steps log again)
+  local name=$1 t0=$SECONDS; shift
+  "$@"
+  echo "$(date +'%F %T') $name $((SECONDS - t0)) s" >> "$OUT/timings.log"
+}
+[ -f "$OUT/undefended/summary.json" ] || step undefended $PY -m oodray.evaluate --translator identity "${EVAL[@]}" \
+    --threat-models adaptive,transfer --out "$OUT/undefended" --label undefended
+for B in $BUDGETS; do
+  T=$(( (B * 8 + 4) / 9 )); [ "$T" -ge 1 ] || T=1
+  AT=(--set classifier.adversarial=pgd --set classifier.adv_eps="$EPS" --set classifier.epochs="$B")
+  TR=(--set classifier.adversarial=trades --set classifier.adv_eps="$EPS" --set classifier.epochs="$T")
+  step "pgd-at-b$B train" $PY -m oodray.classifier --dataset "$DATASET" --adversarial pgd --eps "$EPS" --epochs "$B"
+  [ -f "$OUT/pgd-at-b$B/summary.json" ] || step "pgd-at-b$B eval" $PY -m oodray.evaluate --translator identity \
+      "${AT[@]}" "${EVAL[@]}" --threat-models adaptive,transfer --out "$OUT/pgd-at-b$B" --label "pgd-at-b$B"
+  step "trades-b$B train" $PY -m oodray.classifier --dataset "$DATASET" --adversarial trades --eps "$EPS" --epochs "$T"
+  [ -f "$OUT/trades-b$B/summary.json" ] || step "trades-b$B eval" $PY -m oodray.evaluate --translator identity \
+      "${TR[@]}" "${EVAL[@]}" --threat-models adaptive,transfer --out "$OUT/trades-b$B" --label "trades-b$B"
+  step "translator-b$B refit+eval" $PY -m oodray.refit "$SEARCH" --match "$OUT/pgd-at-b$B" --suffix="-b$B" --n-examples "$N"
+done
+date +"%F %T end" >> "$OUT/timings.log"
+$PY experiments/budget_curves.py "$OUT" "$SEARCH" "$RESULTS" > "$RESULTS.md.new"
+mv "$RESULTS.md.new" "$RESULTS.md"
+{ echo; echo "Wall time of each step on this machine (\`$OUT/timings.log\`):"; echo; echo '```'; cat "$OUT/timings.log"; echo '```'; } >> "$RESULTS.md"
