@@ -3,7 +3,9 @@
     python -m oodray.classifier --dataset digits
     python -m oodray.classifier --dataset fashion-mnist
     python -m oodray.classifier --dataset fashion-mnist --adversarial pgd --eps 0.1     # Madry baseline
-    python -m oodray.classifier --dataset imagenet --data-dir /data/imagenet --set classifier.weights=r50.pth
+    python -m oodray.classifier --dataset imagenet --data-dir /data/imagenet --set classifier.weights=IMAGENET1K_V2
+    python -m oodray.classifier --dataset imagenet --data-dir /data/mine --arch resnet18 \
+        --set classifier.weights=IMAGENET1K_V1 --epochs 5                               # fine-tune, new head
 
 The classifier is saved under `<cache>/classifiers/<dataset>-<arch>-seed<seed>[-<adv>-<norm>-eps<eps>]-<digest>/`
 (`classifier.pt` + `config.json`) and re-used by every later run with the same key.
@@ -17,7 +19,7 @@ import time
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import check_eps, classifier_key
 from oodray.data import load_dataset
-from oodray.fixed_classifier import classifier_path, get_classifier, train_classifier
+from oodray.fixed_classifier import check_classifier_config, classifier_path, get_classifier, train_classifier
 from oodray.metrics import accuracy
 
 split_accuracy = accuracy  # the name earlier versions exported
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "adversarial": args.adversarial, "adv_eps": args.eps}})
     if cfg.classifier.adv_eps is not None:
         check_eps("--eps", cfg.classifier.adv_eps, cfg.attack.norm)
+    check_classifier_config(cfg)  # unknown arch or weights, weights not in torchvision's cache: before reading data
     splits = load_dataset(cfg.data)
     t0 = time.time()
     model, path = get_classifier(cfg, splits, force=args.force)

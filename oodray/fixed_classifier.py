@@ -22,7 +22,16 @@ from oodray.data import Splits, load_dataset
 from oodray.errors import ConfigError
 from oodray.io import atomic_write_text, ensure_writable_dir
 from oodray.metrics import accuracy
-from oodray.models.classifier import Classifier, build_classifier, freeze, load_classifier, save_classifier
+from oodray.models.classifier import (
+    CLASSIFIERS,
+    Classifier,
+    build_classifier,
+    check_arch,
+    check_weights,
+    freeze,
+    load_classifier,
+    save_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,10 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits) -> Classifier:
     c = cfg.classifier
     torch.manual_seed(c.seed)
     model = build_classifier(c.arch, splits.info, c.weights)
+    if c.epochs == 0 and model.new_head:
+        raise ConfigError(f"classifier.weights={c.weights} has {model.new_head} classes and "
+                          f"'{splits.info.name}' has {splits.info.num_classes}: the new head is random until trained; "
+                          "fine-tune it with classifier.epochs > 0 (e.g. --epochs 5)")
     if c.epochs == 0:
         return freeze(model)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
@@ -92,9 +105,23 @@ def _adversarial_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, kind:
                                                         reduction="batchmean")
 
 
+def check_classifier_config(cfg: ExperimentConfig) -> None:
+    """Refuses a classifier that cannot be built or would be meaningless, before any data is read or Ray starts: an
+    unknown architecture or weights name, weights not in torchvision's cache, and a torchvision architecture with
+    random weights that is not trained (`classifier.epochs=0` without `classifier.weights`)."""
+    c = cfg.classifier
+    check_arch(c.arch)
+    check_weights(c.arch, c.weights)
+    if c.epochs == 0 and not c.weights and c.arch not in CLASSIFIERS:
+        raise ConfigError(f"classifier.epochs=0 keeps {c.arch}'s random weights; give pretrained ones "
+                          "(--set classifier.weights=IMAGENET1K_V2, another torchvision weights name, or a file) "
+                          "or train it (classifier.epochs > 0)")
+
+
 def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train: bool = True,
                    force: bool = False) -> tuple[Classifier, Path]:
     """The cached fixed classifier for this config, trained (and cached) first if missing."""
+    check_arch(cfg.classifier.arch)  # an unknown name fails here, before data is read or Ray starts
     path = classifier_path(cfg)
     if path.exists() and not force:
         model, _ = load_classifier(path, expect_dataset=cfg.data.name, expect_arch=cfg.classifier.arch)
@@ -102,9 +129,7 @@ def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train
     if not train:
         raise ConfigError(f"no fixed classifier at '{path}'; train it with: python -m oodray.classifier "
                           f"--dataset {cfg.data.name}")
-    if cfg.classifier.arch == "resnet50" and not cfg.classifier.weights:
-        raise ConfigError("imagenet's resnet50 needs its weights file: --set classifier.weights=PATH "
-                          "(a torchvision ResNet-50 state_dict, e.g. resnet50-11ad3fa6.pth)")
+    check_classifier_config(cfg)
     ensure_writable_dir(path.parent, "classifier cache directory")
     splits = splits or load_dataset(cfg.data)
     t0 = time.time()

@@ -68,7 +68,7 @@ class ClassifierConfig:
     lr: float = 1e-3
     batch_size: int = 128
     weight_decay: float = 0.0
-    weights: str | None = None  # local weights file (ImageNet ResNet-50)
+    weights: str | None = None  # torchvision weights name (IMAGENET1K_V2, DEFAULT; from TORCH_HOME) or a local file
     adversarial: str = "none"  # none | pgd (Madry) | trades
     adv_eps: float | None = None  # None -> attack.eps
     adv_steps: int = 7
