@@ -142,3 +142,39 @@ def test_a_new_head_must_be_fine_tuned(tmp_path, torch_home, monkeypatch):
                                                 f"cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(ConfigError, match="has 1000 classes and 'imagenet' has 3.*classifier.epochs > 0"):
         get_classifier(cfg)
+
+
+def _image_folder(root, classes: int = 3, per_class: int = 8, size: int = 24) -> None:
+    """train/ and val/ with class-dependent colours, as ImageFolder reads them."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for k in range(classes):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(per_class):
+                colour = tuple(int(v) for v in ((k * 90 + i * 3) % 256, (255 - k * 90) % 256, i * 20 % 256))
+                Image.new("RGB", (size, size), colour).save(root / split / f"c{k}" / f"{i}.png")
+
+
+def test_fine_tuning_through_ray_train(tmp_path, torch_home):
+    """`oodray.classifier --workers 2`: a pretrained ResNet-18 (weights by name) gets a new 3-class head and is
+    fine-tuned by two Ray Train (DDP) workers; the cached C holds the trained weights and the workers' metrics."""
+    import json
+
+    state = _place("resnet18", "IMAGENET1K_V1")
+    _image_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    proc = run_cli("oodray.classifier", "--dataset", "imagenet", "--data-dir", str(tmp_path / "data"),
+                   "--arch", "resnet18", "--set", "classifier.weights=IMAGENET1K_V1", "--epochs", "2",
+                   "--workers", "2", "--set", "classifier.cpus_per_worker=0.5", "--set", "classifier.batch_size=8",
+                   "--set", "data.image_size=16", "--set", "data.val_fraction=0.25", "--cache-dir", str(cache),
+                   "--set", f"storage={tmp_path / 'runs'}", "--set", "eval.threat_models=[oblivious]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "clean test accuracy" in proc.stdout
+    (cdir,) = (cache / "classifiers").iterdir()
+    metrics = json.loads((cdir / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["test_examples"] == 24 and 0 <= metrics["test_accuracy"] <= 1
+    saved = torch.load(cdir / "classifier.pt", weights_only=True)
+    assert saved["state_dict"]["net.fc.weight"].shape == (3, 512)
+    assert not torch.equal(saved["state_dict"]["net.conv1.weight"], state["conv1.weight"])  # fine-tuned, not frozen
+    assert any(p.name.startswith("classifier-") for p in (tmp_path / "runs").iterdir())  # the Ray Train run

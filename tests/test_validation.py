@@ -227,8 +227,9 @@ CLASSIFIER_CHANGES = {
     "data.seed": 1, "data.val_fraction": 0.2, "data.image_size": 64, "classifier.arch": "small_cnn",
     "classifier.epochs": 0, "classifier.lr": 0.5, "classifier.batch_size": 7, "classifier.weight_decay": 0.1,
     "classifier.weights": "/somewhere/else.pth", "classifier.adversarial": "pgd", "classifier.adv_eps": 0.05,
-    "classifier.adv_steps": 3, "classifier.trades_beta": 1.0, "classifier.seed": 5,
+    "classifier.adv_steps": 3, "classifier.trades_beta": 1.0, "classifier.seed": 5, "classifier.workers": 2,
 }
+WHERE_C_TRAINS = {"classifier.gpus_per_worker": 1.0, "classifier.cpus_per_worker": 4.0}  # same weights: same key
 
 
 def test_every_classifier_setting_is_in_the_classifier_key():
@@ -236,7 +237,10 @@ def test_every_classifier_setting_is_in_the_classifier_key():
     from oodray.config import classifier_key
 
     base = resolve_config("synthetic", overrides=["classifier.adversarial=trades"])  # so adversarial knobs count
-    assert {k for k in flatten(base.to_dict()) if k.startswith("classifier.")} <= set(CLASSIFIER_CHANGES)
+    assert {k for k in flatten(base.to_dict()) if k.startswith("classifier.")} <= {*CLASSIFIER_CHANGES,
+                                                                                  *WHERE_C_TRAINS}
+    for key, value in WHERE_C_TRAINS.items():
+        assert classifier_key(base.replace(**{key: value})) == classifier_key(base), key
     keys = {classifier_key(base)}
     for key, value in CLASSIFIER_CHANGES.items():
         changed = classifier_key(base.replace(**{key: value}))

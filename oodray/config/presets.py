@@ -56,7 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "translator": {"arch": "resnet", "downsamplings": 2, "blocks": 6, "width": 64},
         "attack": {"eps": 4 / 255, "steps": 5},
         "train": {"epochs": 10, "batch_size": 64, "proxy_examples": 500, "proxy_steps": 5},
-        "eval": {"n_examples": 5000, "shards": 16},
+        # 'transfer' needs a surrogate other than C: torchvision's ResNet-18 (its file in TORCH_HOME too)
+        "eval": {"n_examples": 5000, "shards": 16, "surrogate_arch": "resnet18", "surrogate_weights": "IMAGENET1K_V1"},
     },
 }
 
