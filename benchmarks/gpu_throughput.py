@@ -76,14 +76,15 @@ def step_rate(cfg: Any, info: DatasetInfo, regime: str, batch: int, steps: int, 
         for i in range(warmup + steps):
             if i == warmup:
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
             train_step(cfg, translator, classifier, None, objective, (opt, None), None, (x, x_cached, y), g, use_amp)
         sync(device)
     except torch.OutOfMemoryError:
         return {"regime": regime, "batch": batch, "images_per_s": None, "peak_gib": None, "oom": True}
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"regime": regime, "batch": batch, "images_per_s": batch * steps / dt, "peak_gib": peak, "oom": False}
+    return {"regime": regime, "batch": batch, "images_per_s": batch * steps / dt, "peak_gib": peak, "oom": False,
+            "cpu_s_per_image": (time.process_time() - c0) / (batch * steps)}
 
 
 def classifier_rates(info: DatasetInfo, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
@@ -112,11 +113,12 @@ def classifier_rates(info: DatasetInfo, batch: int, steps: int, device: torch.de
             p.requires_grad_(name == "train_step")
         fn()  # warm-up
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             fn()
         sync(device)
         out[f"{name}_images_per_s"] = batch * steps / (time.perf_counter() - t0)
+        out[f"{name}_cpu_s_per_image"] = (time.process_time() - c0) / (batch * steps)
     return out
 
 
@@ -133,15 +135,17 @@ def cache_rate(cfg: Any, info: DatasetInfo, batch: int, steps: int, bf16: bool,
         with amp_autocast(device, bf16):
             mixed_attack(classifier, x, y, attack_specs(cfg), generator=g)  # warm-up
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 mixed_attack(classifier, x, y, attack_specs(cfg), generator=g)
             sync(device)
+            cpu_s = (time.process_time() - c0) / (batch * steps)
     except torch.OutOfMemoryError:
         return {"batch": batch, "bf16": bf16, "images_per_s": None, "peak_gib": None, "oom": True}
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"batch": batch, "bf16": bf16 and device.type == "cuda", "attack_steps": cfg.attack.steps,
-            "images_per_s": batch * steps / (time.perf_counter() - t0), "peak_gib": peak, "oom": False}
+            "images_per_s": batch * steps / (time.perf_counter() - t0), "peak_gib": peak, "oom": False,
+            "cpu_s_per_image": cpu_s}
 
 
 def scaling_loop(config: dict[str, Any]) -> None:
@@ -212,13 +216,17 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="run on CPU at the given sizes (the capacity plan's CPU unit "
                                                       "costs)")
     p.add_argument("--no-scaling", action="store_true", help="skip the Ray Train scaling runs")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
     if args.smoke:
         args.size, args.batch_sizes, args.steps, args.warmup, args.scaling_batch = 32, "2,4", 1, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not (args.smoke or args.cpu) else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg, info = recipe(args.size, args.smoke)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                              "torch_threads": torch.get_num_threads(),
                               "size": args.size, "attack_steps": cfg.attack.steps, "train": [], "cache": []}
     print(f"device {report['device']}, {args.size} px, ResNet-50 C (random weights), translator "
           f"{cfg.translator.arch} (blocks {cfg.translator.blocks}, width {cfg.translator.width}), "
@@ -228,7 +236,11 @@ def main() -> None:
     print(f"C alone at batch {c['batch']}: forward {_f(c['forward_images_per_s'])} img/s, forward+backward to the "
           f"input (one attack step) {_f(c['attack_step_images_per_s'])} img/s, to the weights (fine-tuning) "
           f"{_f(c['train_step_images_per_s'])} img/s; attack step / forward "
-          f"{_f(c['forward_images_per_s'] / c['attack_step_images_per_s'], 2)}x the time\n")
+          f"{_f(c['forward_images_per_s'] / c['attack_step_images_per_s'], 2)}x the time")
+    if device.type == "cpu":  # CPU seconds per image hold under contention better than wall time does
+        print("CPU-s per image: " + ", ".join(f"{k} {c[f'{k}_cpu_s_per_image']:.3f}"
+                                              for k in ("forward", "attack_step", "train_step")))
+    print()
     print(f"{'batch':>6} {'oblivious img/s':>16} {'adaptive img/s':>15} {'adapt/obl':>9} {'peak GiB obl':>12} "
           f"{'peak GiB adapt':>14}")
     for b in batches:

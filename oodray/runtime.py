@@ -1,11 +1,12 @@
 """Where work runs: the Ray that every oodray command starts or joins, the hook its workers run, the device a task uses.
 
-Imports only the standard library and oodray.errors at module level (ray and torch when called: heavy imports), so
-any module may import it.
+Imports only the standard library, yaml, oodray.errors and oodray.progress at module level (ray and torch when
+called: heavy imports), so any module may import it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from oodray.errors import OodrayError, RunFailed
+from oodray.progress import Progress
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
@@ -181,8 +185,6 @@ def _gcs_node_types() -> list[NodeType] | None:
 def node_types_from_config(path: Path) -> list[NodeType]:
     """Worker node types of a cluster-launcher YAML (`available_node_types`, less the head's type); each type's
     `max_workers` is capped by the cluster's `max_workers`."""
-    import yaml
-
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -204,8 +206,6 @@ def autoscaler_running() -> bool:
     monitor, which publishes a status in the GCS key-value store; without an autoscaling config it uses a read-only
     node provider, whose node types are the nodes themselves ("node_<id>", as seen on Ray 2.60), while a launching
     autoscaler names its types (gpu_1x, ...). The v2 autoscaler reports a versioned state to the GCS instead."""
-    import json
-
     import ray
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
@@ -334,8 +334,6 @@ def ensure_cluster_can_hold(bundles: list[dict[str, float]], what: str, *, timeo
 def _wait_for_nodes(bundles: list[dict[str, float]], what: str, per: str, types: list[NodeType] | None,
                     timeout_s: float | None, poll_s: float) -> None:
     from ray.autoscaler.sdk import request_resources
-
-    from oodray.progress import Progress
 
     timeout_s = float(os.environ.get("OODRAY_NODE_WAIT_S", NODE_WAIT_S)) if timeout_s is None else timeout_s
     key = "GPU" if _total(bundles).get("GPU") else "CPU"

@@ -3,7 +3,7 @@
     python -m oodray.tune                                   # embedded default: a small search on digits, local Ray
     python -m oodray.tune --dataset fashion-mnist --num-samples 8
     python -m oodray.tune --dataset imagenet --data-dir /data/imagenet --storage s3://bucket/oodray \
-        --workers-per-trial 8 --gpus-per-worker 1 --set classifier.weights=/data/weights/resnet50.pth
+        --workers-per-trial 8 --gpus-per-worker 1          # C: torchvision ResNet-50 IMAGENET1K_V2 (TORCH_HOME)
     python -m oodray.tune --resume                          # continue the interrupted experiment of the same config
 
 Layers: the `Tuner` (OptunaSearch, define-by-run space; ASHA stops weak trials) runs `trial_driver` per trial,

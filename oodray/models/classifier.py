@@ -16,6 +16,7 @@ import inspect
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -167,8 +168,6 @@ def resolve_weights(arch: str, name: str) -> Any:
 
 def weights_cache_file(weights: Any) -> Path:
     """Where torchvision's `load_state_dict_from_url` keeps `weights`' file: $TORCH_HOME/hub/checkpoints/<name>."""
-    from urllib.parse import urlparse
-
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
 
 
