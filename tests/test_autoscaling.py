@@ -139,15 +139,15 @@ WAIT_SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
 from ray.core.generated import autoscaler_pb2
-from oodray.runtime import autoscaler_node_types, ensure_cluster_can_hold, init_ray
+from oodray.runtime import ensure_cluster_can_hold, init_ray
 from oodray.errors import RunFailed
 import ray
 init_ray()
-if sys.argv[1] == "gcs":  # what an autoscaler that reports its config to the GCS would write
-    cfg = autoscaler_pb2.ClusterConfig(node_group_configs=[autoscaler_pb2.NodeGroupConfig(
-        name="gpu_group", resources={"CPU": 1, "GPU": 1}, max_count=1)])
-    ray._private.worker.global_worker.gcs_client.report_cluster_config(cfg.SerializeToString())
-print("types", autoscaler_node_types(), flush=True)
+# "gcs": what an autoscaler that reports its config to the GCS would write; "yaml": an empty config there, so the
+# node types come from OODRAY_AUTOSCALING_CONFIG
+groups = [autoscaler_pb2.NodeGroupConfig(name="gpu_group", resources={"CPU": 1, "GPU": 1}, max_count=1)]
+cfg = autoscaler_pb2.ClusterConfig(node_group_configs=groups if sys.argv[1] == "gcs" else [])
+ray._private.worker.global_worker.gcs_client.report_cluster_config(cfg.SerializeToString())
 try:
     ensure_cluster_can_hold([{"CPU": 1, "GPU": 1}], "a task", timeout_s=float(sys.argv[2]), poll_s=0.5)
     print("held", ray.cluster_resources().get("GPU"), flush=True)
@@ -168,7 +168,7 @@ def test_launchable_gpus_are_waited_for_until_a_node_joins(head):
             out.append(line)
             if "asking the autoscaler" in line:
                 break
-        assert "types [NodeType(name='gpu_group', resources={'CPU': 1.0, 'GPU': 1.0}, max_count=1)]" in "".join(out)
+        assert "(launchable: gpu_group: 1 CPU, 1 GPU x 1)" in "".join(out), "".join(out)[-3000:]  # from the GCS
         log = head["temp"] / "gpu-node.log"
         with open(log, "w") as f:
             head["procs"].append(subprocess.Popen(

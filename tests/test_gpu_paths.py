@@ -37,10 +37,11 @@ def _steps(use_amp: bool, layout: bool) -> tuple[list[dict], dict]:
         terms.append(train_step(cfg, translator, classifier, None, objective, (opt, None), None, (x, x, y), g,
                                 use_amp))
     if use_amp:  # the comparison can see a precision change: bf16 autocast really applied on CPU moves the loss
+        probe = copy.deepcopy(translator)  # its BatchNorm statistics move with every forward in train mode
         with torch.no_grad():
-            full = objective(translator, x, x, y)[0]
+            full = objective(probe, x, x, y)[0]
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                half = objective(translator, x, x, y)[0]
+                half = objective(probe, x, x, y)[0]
         assert float(full) != float(half)
     return terms, translator.state_dict()
 
