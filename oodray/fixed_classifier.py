@@ -227,7 +227,8 @@ def classifier_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ddp = ray.train.torch.prepare_model(raw)  # to the device; DDP when world > 1
     raw = ddp.module if hasattr(ddp, "module") else ddp
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=c.seed)
-    loader = DataLoader(splits.train, batch_size=c.batch_size, sampler=sampler)
+    # a last partial batch of one image would fail BatchNorm in training mode; drop it when a full batch exists
+    loader = DataLoader(splits.train, batch_size=c.batch_size, sampler=sampler, drop_last=len(sampler) > c.batch_size)
     eps = c.adv_eps or cfg.attack.eps
     g = torch.Generator()
     for epoch in range(start, c.epochs):
