@@ -1,17 +1,25 @@
 """Where work runs: the Ray that every oodray command starts or joins, the hook its workers run, the device a task uses.
 
-Imports only the standard library and oodray.errors at module level (ray and torch when called: heavy imports), so
-any module may import it.
+Imports only the standard library, yaml, oodray.errors and oodray.progress at module level (ray and torch when
+called: heavy imports), so any module may import it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from oodray.errors import OodrayError
+import yaml
+
+from oodray.errors import OodrayError, RunFailed
+from oodray.progress import Progress
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
@@ -65,16 +73,33 @@ def task_device(gpus: float, cpus: float) -> Any:
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
-def init_ray_for(cpus: float, gpus: float, what: str) -> None:
-    """`init_ray` for work that needs `cpus` and `gpus` at once: refused before a local Ray starts when this machine
-    cannot hold it; on a joined cluster, checked against its resources once connected (warns: nodes may join)."""
+def fast_layout(model: Any, device: Any) -> Any:
+    """channels_last memory format on CUDA, where convolutions under bf16 autocast run faster in it; CPU keeps NCHW
+    (a no-op there, so CPU results are unchanged)."""
+    import torch
+
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def amp_autocast(device: Any, enabled: bool) -> Any:
+    """bf16 autocast on CUDA when `enabled` (train.amp); a disabled context on CPU, whose results stay bit-identical."""
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def init_ray_for(cpus: float, gpus: float, what: str, *,
+                 bundles: list[dict[str, float]] | None = None) -> None:
+    """`init_ray` for work that needs `cpus` and `gpus` at once, as `bundles` (one per worker or task, each placed on
+    one node; default one bundle of everything). Refused before a local Ray starts when this machine cannot hold
+    it; on a joined cluster, `ensure_cluster_can_hold` refuses what no node type can ever hold and waits (with
+    progress) for nodes its autoscaler launches."""
     import ray
 
     if not ray.is_initialized():
         check_resources(cpus, gpus, what)
     init_ray()
-    if os.environ.get("RAY_ADDRESS"):
-        check_resources(cpus, gpus, what, available=ray.cluster_resources())
+    ensure_cluster_can_hold(bundles or [{"CPU": cpus, "GPU": gpus}], what)  # also a local Ray started earlier
 
 
 def _check_reachable(address: str) -> None:
@@ -100,19 +125,237 @@ def local_resources() -> dict[str, float] | None:
     return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
 
 
-def check_resources(cpus: float, gpus: float, what: str, available: dict[str, float] | None = None) -> None:
-    """Refuses, before anything waits for it, a request that the cluster can never satisfy ("needs 4 CPUs, the
-    cluster has 2"). Checked against the local machine before a local Ray starts (`available=None`), or against a
-    joined cluster's current resources, where an autoscaler may still add nodes: then it only warns."""
-    joined = available is not None
-    have = available if joined else local_resources()
+def check_resources(cpus: float, gpus: float, what: str) -> None:
+    """Refuses, before a local Ray starts, a request that this machine can never satisfy ("needs 4 CPUs, the local
+    Ray cluster has 2"). A joined cluster (RAY_ADDRESS) is checked once connected: `ensure_cluster_can_hold`."""
+    have = local_resources()
     if have is None:
         return  # a cluster not joined yet: checked again once connected
     for kind, need in (("CPU", cpus), ("GPU", gpus)):
         if need > have.get(kind, 0.0) + 1e-9:
-            line = (f"{what} needs {need:g} {kind}s but the {'cluster' if joined else 'local Ray cluster'} has "
-                    f"{have.get(kind, 0.0):g}")
-            if joined:
-                log.warning("%s now; waiting for the autoscaler to add nodes (Ctrl-C to stop)", line)
+            raise OodrayError(f"{what} needs {need:g} {kind}s but the local Ray cluster has {have.get(kind, 0.0):g}; "
+                              "lower the request or run on a cluster (RAY_ADDRESS)")
+
+
+# --- autoscaling clusters -------------------------------------------------------------------------------------------
+# A cluster as `ray up clusters/gpu.yaml` starts it is a head with CPU 0 and GPU 0; its GPU nodes exist only once the
+# autoscaler launches them. So a request is checked against the node types the autoscaler can launch, read from
+# (1) the cluster config in the GCS (`ray._private.state.state.get_cluster_config()`, which Ray Data and Train V2 read;
+# no autoscaler of Ray 2.60 writes it yet), else (2) the autoscaling config the head's `ray start
+# --autoscaling-config` reads (`~/ray_bootstrap_config.yaml` where `ray up` puts it, or OODRAY_AUTOSCALING_CONFIG).
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` writes the config its head's autoscaler reads
+NODE_WAIT_S = 1800.0  # default wait for the autoscaler's nodes (OODRAY_NODE_WAIT_S); a cloud launch takes minutes
+POLL_S = 5.0
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node type the autoscaler can launch: its resources (None: not stated, e.g. filled in by the provider at
+    launch) and how many it may launch (None: no limit)."""
+
+    name: str
+    resources: dict[str, float] | None
+    max_count: int | None
+
+
+def autoscaler_node_types() -> list[NodeType] | None:
+    """The worker node types this cluster's autoscaler can launch; None when no autoscaler config is found."""
+    types = _gcs_node_types()
+    if types is not None:
+        return types
+    path = Path(os.environ.get("OODRAY_AUTOSCALING_CONFIG") or BOOTSTRAP_CONFIG).expanduser()
+    return node_types_from_config(path) if path.is_file() else None
+
+
+def _gcs_node_types() -> list[NodeType] | None:
+    try:
+        from ray._private.state import state
+
+        cfg = state.get_cluster_config()
+    except Exception as e:  # noqa: BLE001 - a private API: any failure means "not available"
+        log.debug("no cluster config in the GCS (%s)", e)
+        return None
+    if cfg is None or not cfg.node_group_configs:
+        return None
+    return [NodeType(g.name or f"group{i}", dict(g.resources), None if g.max_count == -1 else int(g.max_count))
+            for i, g in enumerate(cfg.node_group_configs)]
+
+
+def node_types_from_config(path: Path) -> list[NodeType]:
+    """Worker node types of a cluster-launcher YAML (`available_node_types`, less the head's type); each type's
+    `max_workers` is capped by the cluster's `max_workers`."""
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise OodrayError(f"autoscaling config '{path}' cannot be read ({str(e).splitlines()[0]})") from None
+    cap = cfg.get("max_workers")
+    out = []
+    for name, t in (cfg.get("available_node_types") or {}).items():
+        if name == cfg.get("head_node_type"):
+            continue
+        most = t.get("max_workers", cap)
+        most = min(x for x in (most, cap) if x is not None) if most is not None or cap is not None else None
+        res = t.get("resources")
+        out.append(NodeType(name, {k: float(v) for k, v in res.items()} if isinstance(res, dict) else None, most))
+    return out
+
+
+def autoscaler_running() -> bool:
+    """True when an autoscaler that can launch nodes serves this cluster. Every `ray start --head` runs Ray's
+    monitor, which publishes a status in the GCS key-value store; without an autoscaling config it uses a read-only
+    node provider, whose node types are the nodes themselves ("node_<id>", as seen on Ray 2.60), while a launching
+    autoscaler names its types (gpu_1x, ...). The v2 autoscaler reports a versioned state to the GCS instead."""
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        if any(v != f"node_{k}" for k, v in (report.get("node_type_mapping") or {}).items()):
+            return True
+        from ray._raylet import GcsClient
+        from ray.autoscaler.v2.sdk import GetClusterStatusReply
+
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
+        return reply.autoscaling_state.autoscaler_state_version > 0
+    except Exception as e:  # noqa: BLE001 - private APIs: unknown means "no autoscaler seen"
+        log.debug("could not ask for an autoscaler (%s)", e)
+        return False
+
+
+def _positive(bundle: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in _positive(bundle).items())
+
+
+def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in _positive(b).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def fits_now(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Every bundle fits on some node, and the nodes together hold all of them (a bound, not a bin packing)."""
+    have = _total(nodes)
+    return all(any(_fits(b, n) for n in nodes) for b in bundles) and _fits(_total(bundles), have)
+
+
+def never_fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]], types: list[NodeType]) -> str | None:
+    """Why no cluster these node types can grow into holds `bundles` (None when one may): a bundle no node or type
+    holds, or more of a resource than the nodes plus every launchable node have. Errs towards None."""
+    if any(t.resources is None for t in types):
+        return None
+    launchable = [t for t in types if t.max_count != 0]
+    for b in bundles:
+        if not any(_fits(b, n) for n in nodes) and not any(_fits(b, t.resources or {}) for t in launchable):
+            return f"one needs {_fmt(_positive(b))}, more than any node or node type has"
+    need = _total(bundles)
+    for k, v in need.items():
+        most = sum(n.get(k, 0.0) for n in nodes)
+        for t in launchable:
+            per = (t.resources or {}).get(k, 0.0)
+            if per > 0 and t.max_count is None:
+                most = math.inf
             else:
-                raise OodrayError(f"{line}; lower the request or run on a cluster (RAY_ADDRESS)")
+                most += per * (t.max_count or 0)
+        if v > most + 1e-9:
+            return f"together they need {v:g} {k}, and the cluster can grow to {most:g}"
+    return None
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The resources this cluster can grow to: its nodes' totals plus every node its autoscaler can still launch
+    (inf for a type without a limit); the nodes' totals alone when no node types are known."""
+    import ray
+
+    have = {k: float(v) for k, v in ray.cluster_resources().items()}
+    for t in (autoscaler_node_types() or []) if os.environ.get("RAY_ADDRESS") else []:
+        for k, v in (t.resources or {}).items():
+            have[k] = have.get(k, 0.0) + (math.inf if t.max_count is None and v > 0 else v * (t.max_count or 0))
+    return have
+
+
+def _have(nodes: list[dict[str, float]], bundles: list[dict[str, float]]) -> str:
+    """The cluster's totals of the resources asked for (CPU and GPU always)."""
+    have = _total(nodes)
+    return _fmt({k: have.get(k, 0.0) for k in {"CPU", "GPU", *_total(bundles)}})
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items()) if v > 0 or k in ("CPU", "GPU")) or "nothing"
+
+
+def _types_line(types: list[NodeType]) -> str:
+    return "; ".join(f"{t.name}: {_fmt(t.resources) if t.resources is not None else '?'} x "
+                     f"{'unlimited' if t.max_count is None else t.max_count}" for t in types) or "none"
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+
+
+def ensure_cluster_can_hold(bundles: list[dict[str, float]], what: str, *, timeout_s: float | None = None,
+                            poll_s: float = POLL_S) -> None:
+    """On a joined cluster: returns at once when its nodes hold `bundles`; refuses with one line (an `OodrayError`,
+    exit 2) what no node and no launchable node type can ever hold, or anything more than a cluster without an
+    autoscaler has; otherwise asks the autoscaler for the bundles and waits, with progress, until nodes hold them
+    (`RunFailed` after `timeout_s`, default OODRAY_NODE_WAIT_S or 30 min)."""
+    nodes = _alive_nodes()
+    if fits_now(bundles, nodes):
+        return
+    types = autoscaler_node_types()
+    per = f"{len(bundles)} x {_fmt(_positive(bundles[0]))}" if len(bundles) > 1 else _fmt(_positive(bundles[0]))
+    if types is not None:
+        why = never_fits(bundles, nodes, types)
+        if why is not None:
+            raise OodrayError(f"{what} needs {per}; no node of this cluster and no node type its autoscaler can "
+                              f"launch can hold it ({why}; launchable: {_types_line(types)}); lower the request or "
+                              "add a node type that has it")
+    elif not autoscaler_running():
+        raise OodrayError(f"{what} needs {per} but the cluster has {_have(nodes, bundles)} and no autoscaler to add "
+                          "nodes; lower the request or join nodes that have it (ray start --address=...)")
+    _wait_for_nodes(bundles, what, per, types, timeout_s, poll_s)
+
+
+def _wait_for_nodes(bundles: list[dict[str, float]], what: str, per: str, types: list[NodeType] | None,
+                    timeout_s: float | None, poll_s: float) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    timeout_s = float(os.environ.get("OODRAY_NODE_WAIT_S", NODE_WAIT_S)) if timeout_s is None else timeout_s
+    key = "GPU" if _total(bundles).get("GPU") else "CPU"
+    need = _total(bundles)[key]
+    log.info("%s needs %s; asking the autoscaler for nodes (launchable: %s) and waiting up to %s", what, per,
+             _types_line(types) if types is not None else "not readable here", _span(timeout_s))
+    request_resources(bundles=[_positive(b) for b in bundles])
+    t0, bar = time.monotonic(), Progress(f"waiting for the autoscaler's nodes ({key})", math.ceil(need), key)
+    try:
+        while True:
+            nodes = _alive_nodes()
+            have = min(need, _total(nodes).get(key, 0.0))
+            if math.floor(have) > bar.done:
+                bar.update(math.floor(have) - bar.done)
+            if fits_now(bundles, nodes):
+                log.info("the cluster now holds %s (%.0fs)", per, time.monotonic() - t0)
+                return
+            if time.monotonic() - t0 > timeout_s:
+                raise RunFailed(f"{what}: waited {_span(timeout_s)} for the autoscaler to add nodes holding "
+                                f"{per}, and the cluster has {_have(nodes, bundles)}; `ray status` shows why (cloud "
+                                "quota or capacity); nothing was started (OODRAY_NODE_WAIT_S sets the wait)")
+            time.sleep(poll_s)
+    finally:
+        bar.close()
+        request_resources(bundles=[])  # a standing request would keep the nodes alive after this run

@@ -55,7 +55,7 @@ from oodray.models.translator import (
     checkpoint_dirs,
     load_translator_checkpoint,
 )
-from oodray.runtime import init_ray, init_ray_for, pin_ray_address
+from oodray.runtime import amp_autocast, fast_layout, init_ray, init_ray_for, pin_ray_address
 from oodray.shifts import random_shifts
 from oodray.storage import is_uri, storage_uri
 
@@ -109,7 +109,7 @@ def train_step(cfg: ExperimentConfig, translator: torch.nn.Module, classifier: t
     raw_t.eval()  # attacks (adaptive regime) see T in eval mode
     x_ood = ood_batch(cfg, DefendedModel(classifier, raw_t, gate), x, x_cached, y, g)
     translator.train()
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with amp_autocast(x.device, use_amp):  # bf16 on CUDA only: on CPU this is full precision whatever use_amp says
         loss, terms, t_ood = objective(translator, x, x_ood, y)
     opt, opt_d = opts
     opt.zero_grad(set_to_none=True)
@@ -142,6 +142,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     splits = load_dataset(cfg.data)
     classifier = classifier_from_state(_resolve(loop_config["classifier"])).to(device)  # frozen, never DDP-wrapped
     translator = build_translator(cfg.translator, splits.info.channels, splits.info.image_size)
+    if cfg.train.amp:  # channels_last beside bf16 autocast, on CUDA only (a no-op on CPU)
+        classifier, translator = fast_layout(classifier, device), fast_layout(translator, device)
     disc = PatchDiscriminator(splits.info.channels, splits.info.image_size) if cfg.loss.gan > 0 else None
     opt = torch.optim.Adam(translator.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999)) if disc else None
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         save_config(cfg, run_dir, "oodray_config.json")
     t = cfg.train
     init_ray_for(t.workers * t.cpus_per_worker, t.workers * t.gpus_per_worker,
-                 f"training with {t.workers} worker(s) x {t.cpus_per_worker:g} CPU, {t.gpus_per_worker:g} GPU")
+                 f"training with {t.workers} worker(s) x {t.cpus_per_worker:g} CPU, {t.gpus_per_worker:g} GPU",
+                 bundles=[{"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}] * t.workers)
     loop = prepare_run(cfg)
     t0 = time.time()
     result = fit_translator(cfg, loop, storage=storage, name=name)

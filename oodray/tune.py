@@ -3,7 +3,7 @@
     python -m oodray.tune                                   # embedded default: a small search on digits, local Ray
     python -m oodray.tune --dataset fashion-mnist --num-samples 8
     python -m oodray.tune --dataset imagenet --data-dir /data/imagenet --storage s3://bucket/oodray \
-        --workers-per-trial 8 --gpus-per-worker 1 --set classifier.weights=/data/weights/resnet50.pth
+        --workers-per-trial 8 --gpus-per-worker 1          # C: torchvision ResNet-50 IMAGENET1K_V2 (TORCH_HOME)
     python -m oodray.tune --resume                          # continue the interrupted experiment of the same config
 
 Layers: the `Tuner` (OptunaSearch, define-by-run space; ASHA stops weak trials) runs `trial_driver` per trial,
@@ -39,7 +39,7 @@ from oodray.config import ExperimentConfig, config_hash, flatten, save_config
 from oodray.data import load_dataset
 from oodray.errors import Interrupted, OodrayError, RunFailed
 from oodray.evaluate import run_evaluation
-from oodray.fixed_classifier import classifier_path, get_classifier
+from oodray.fixed_classifier import classifier_path, get_classifier, surrogate_config
 from oodray.io import ensure_writable_dir, safe_child
 from oodray.locks import LOCK_FILE
 from oodray.locks import hold as hold_lock
@@ -55,7 +55,7 @@ from oodray.results import (
     rank_trials,
     write_outputs,
 )
-from oodray.runtime import check_resources, init_ray
+from oodray.runtime import check_resources, cluster_capacity, ensure_cluster_can_hold, init_ray
 from oodray.schedulers import ResumableASHA
 from oodray.search_space import (
     CONDITIONAL,
@@ -120,17 +120,23 @@ def trial_resources(cfg: ExperimentConfig) -> tuple[float, float, str]:
     return t.workers * t.cpus_per_worker + DRIVER_CPUS, t.workers * t.gpus_per_worker, what
 
 
-def cluster_concurrency(cfg: ExperimentConfig) -> int:
-    """How many trials fit at once, from the cluster's resources (at least one: a cluster that cannot hold a trial yet
-    was refused before Ray started when local, and waits for its autoscaler when joined)."""
-    import ray
+def trial_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """What one trial places: one bundle per Ray Train worker, and its driver's CPUs."""
+    t = cfg.train
+    return [{"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}] * t.workers + [{"CPU": DRIVER_CPUS}]
 
-    res = ray.cluster_resources()
+
+def cluster_concurrency(cfg: ExperimentConfig) -> int:
+    """How many trials fit at once, from what the cluster can grow to (its nodes, plus every node its autoscaler can
+    launch); at least one. A joined cluster that can never hold a trial is refused (exit 2); one whose autoscaler
+    must first launch nodes is waited for, with progress."""
     need_cpu, need_gpu, what = trial_resources(cfg)
-    check_resources(need_cpu, need_gpu, what, available=res)
-    by_cpu = math.floor(res.get("CPU", 0.0) / need_cpu)
-    by_gpu = math.floor(res.get("GPU", 0.0) / need_gpu) if need_gpu > 0 else by_cpu
-    return max(1, min(by_cpu, by_gpu))
+    if os.environ.get("RAY_ADDRESS"):
+        ensure_cluster_can_hold(trial_bundles(cfg), what)
+    res = cluster_capacity()
+    by_cpu = res.get("CPU", 0.0) / need_cpu
+    by_gpu = res.get("GPU", 0.0) / need_gpu if need_gpu > 0 else by_cpu
+    return max(1, math.floor(min(by_cpu, by_gpu, cfg.tune.num_samples)))
 
 
 def check_storage(storage: str) -> None:
@@ -316,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     check_refit(cfg)  # matched baselines evaluated, with their compute
     splits = load_dataset(cfg.data)  # bad data or a bad cached C fail here, before Ray starts or anything is written
     get_classifier(cfg, splits)  # train and cache C once, before trials share it
+    if "transfer" in cfg.eval.threat_models:  # the final evaluation's surrogate: refused now if it would be C
+        get_classifier(surrogate_config(cfg), splits)
     arch_kind, archs = space["translator.arch"]
     for arch in [archs] if arch_kind == "fixed" else archs:  # a translator the search may pick must exist and fit
         build_translator(cfg.replace(**{"translator.arch": arch}).translator, splits.info.channels,

@@ -83,7 +83,7 @@ def test_cli_trains_synthetic_and_reports_accuracy():
     (["--dataset", "cifar10", "--data-dir", "/tmp"], ["cifar10 not found"]),
     (["--dataset", "synthetic", "--set", "classifier.lr=-1"], ["classifier.lr"]),
     (["--dataset", "synthetic", "--adversarial", "pgd", "--eps", "2"], ["eps"]),
-    (["--dataset", "imagenet"], ["imagenet needs --data-dir"]),
+    (["--dataset", "imagenet", "--set", "classifier.weights=null", "--epochs", "1"], ["imagenet needs --data-dir"]),
 ])
 def test_cli_bad_inputs_exit_2(args, needles):
     assert_one_line_error(run_cli("oodray.classifier", *args), *needles)

@@ -54,6 +54,9 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "attack.steps": ("0", "> 0"),
     "attack.shift_fraction": ("1.5", "[0, 1]"),
     "train.epochs": ("0", "> 0"),
+    "classifier.workers": ("-1", ">= 0"),
+    "classifier.gpus_per_worker": ("-1", ">= 0"),
+    "classifier.cpus_per_worker": ("0", "> 0"),
     "train.lr": ("-1", "> 0"),
     "train.lr_schedule": ("step", "constant, cosine"),
     "train.batch_size": ("0", "> 0"),
@@ -94,7 +97,8 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
 CHECKED_BY_THE_CLI = {"name": "name-escapes", "storage": "storage-is-a-file", "cache_dir": "cache-dir-is-a-file",
                       "data.data_dir": "data-dir-empty", "classifier.arch": "classifier-arch",
                       "classifier.weights": "weights-ignored", "translator.arch": "translator-arch",
-                      "tune.space": "space-value", "tune.refit_match": "refit-match-missing"}
+                      "tune.space": "space-value", "tune.refit_match": "refit-match-missing",
+                      "eval.surrogate_arch": "surrogate-arch", "eval.surrogate_weights": "surrogate-weights"}
 
 
 def test_every_config_key_has_a_bad_value():
@@ -133,6 +137,13 @@ def _cli_rows(tmp):
         ("translator-arch", "train", [*syn, *store, "--set", "translator.arch=vit"], ["unknown translator 'vit'"]),
         ("space-value", "tune", [*syn, *store, "--set", "tune.space={translator.width: [0, 8]}"],
          ["tune.space", "translator.width", "> 0"]),
+        ("surrogate-arch", "evaluate", [*syn, "--translator", "identity", "--threat-models", "transfer", "--out",
+                                        str(tmp / "o2"), "--set", "eval.surrogate_arch=vgg99"],
+         ["unknown classifier architecture 'vgg99'"]),
+        ("surrogate-weights", "evaluate", [*syn, "--translator", "identity", "--threat-models", "transfer", "--out",
+                                           str(tmp / "o3"), "--set", "eval.surrogate_arch=resnet18",
+                                           "--set", "eval.surrogate_weights=IMAGENET9K_V7"],
+         ["IMAGENET9K_V7"]),
         ("refit-match-missing", "tune", [*syn, *store, "--refit-match", str(tmp / "empty")],
          ["tune.refit_match", "no summary.json"]),
         ("space-key", "tune", [*syn, *store, "--set", "tune.space={translator.heads: [2]}"], ["not searched"]),
@@ -169,7 +180,8 @@ def rows(tmp_path_factory):
 
 
 CLI_ROW_IDS = ["name-escapes", "storage-is-a-file", "cache-dir-is-a-file", "data-dir-empty", "classifier-arch",
-               "weights-ignored", "translator-arch", "space-value", "refit-match-missing", "space-key",
+               "weights-ignored", "translator-arch", "space-value", "refit-match-missing", "surrogate-arch",
+               "surrogate-weights", "space-key",
                "train-workers-exceed-cpus",
                "train-gpus-missing", "tune-workers-exceed-cpus", "eval-cpus-exceed", "eval-cpus-negative",
                "eval-eps-text", "eval-norm", "eval-no-translator", "eval-unknown-translator", "eval-both",
@@ -234,8 +246,9 @@ CLASSIFIER_CHANGES = {
     "data.seed": 1, "data.val_fraction": 0.2, "data.image_size": 64, "classifier.arch": "small_cnn",
     "classifier.epochs": 0, "classifier.lr": 0.5, "classifier.batch_size": 7, "classifier.weight_decay": 0.1,
     "classifier.weights": "/somewhere/else.pth", "classifier.adversarial": "pgd", "classifier.adv_eps": 0.05,
-    "classifier.adv_steps": 3, "classifier.trades_beta": 1.0, "classifier.seed": 5,
+    "classifier.adv_steps": 3, "classifier.trades_beta": 1.0, "classifier.seed": 5, "classifier.workers": 2,
 }
+WHERE_C_TRAINS = {"classifier.gpus_per_worker": 1.0, "classifier.cpus_per_worker": 4.0}  # same weights: same key
 
 
 def test_every_classifier_setting_is_in_the_classifier_key():
@@ -243,7 +256,10 @@ def test_every_classifier_setting_is_in_the_classifier_key():
     from oodray.config import classifier_key
 
     base = resolve_config("synthetic", overrides=["classifier.adversarial=trades"])  # so adversarial knobs count
-    assert {k for k in flatten(base.to_dict()) if k.startswith("classifier.")} <= set(CLASSIFIER_CHANGES)
+    assert {k for k in flatten(base.to_dict()) if k.startswith("classifier.")} <= {*CLASSIFIER_CHANGES,
+                                                                                  *WHERE_C_TRAINS}
+    for key, value in WHERE_C_TRAINS.items():
+        assert classifier_key(base.replace(**{key: value})) == classifier_key(base), key
     keys = {classifier_key(base)}
     for key, value in CLASSIFIER_CHANGES.items():
         changed = classifier_key(base.replace(**{key: value}))

@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from oodray.config.schema import ExperimentConfig
+from oodray.config.schema import ClassifierConfig, ExperimentConfig
 
 
 def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "classifier", "translator", "loss",
@@ -27,13 +27,29 @@ def classifier_key(cfg: ExperimentConfig) -> str:
     c, d = cfg.classifier, cfg.data
     adv_eps = c.adv_eps or cfg.attack.eps
     src = {"data": {"name": d.name, "seed": d.seed, "val_fraction": d.val_fraction, "image_size": d.image_size},
-           "classifier": {**dataclasses.asdict(c), "weights": _file_digest(c.weights)},
+           "classifier": {**_recipe(c), "weights": _file_digest(c.weights)},
            "adversarial": {"norm": cfg.attack.norm, "eps": adv_eps} if c.adversarial != "none" else None}
     digest = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:8]
     key = f"{d.name}-{c.arch}-seed{c.seed}"
     if c.adversarial != "none":
         key += f"-{c.adversarial}-{cfg.attack.norm}-eps{adv_eps:.4g}"
     return f"{key}-{digest}"
+
+
+EXECUTION_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker")  # where C trains, not what it learns
+
+
+def _recipe(c: ClassifierConfig) -> dict[str, object]:
+    """classifier.* in the key. Where C trains enters only when not the default (in-process): a key from before
+    those settings existed stays valid, and C trained by N DDP workers (other batches) is another C."""
+    d = dataclasses.asdict(c)
+    if d["workers"] == 0:
+        for k in EXECUTION_KEYS:
+            d.pop(k)
+    else:
+        d.pop("cpus_per_worker")  # CPU threads do not change the weights
+        d.pop("gpus_per_worker")  # nor does the device (up to float rounding)
+    return d
 
 
 def _file_digest(path: str | None) -> str | None:

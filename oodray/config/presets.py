@@ -51,11 +51,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"n_examples": 1000, "norms": ["Linf"], "eps": [8 / 255]},
     },
     "imagenet": {
-        "classifier": {"arch": "resnet50", "epochs": 0},
+        # torchvision's pretrained ResNet-50, read from its cache (TORCH_HOME/hub/checkpoints/resnet50-11ad3fa6.pth)
+        "classifier": {"arch": "resnet50", "epochs": 0, "weights": "IMAGENET1K_V2"},
         "translator": {"arch": "resnet", "downsamplings": 2, "blocks": 6, "width": 64},
         "attack": {"eps": 4 / 255, "steps": 5},
         "train": {"epochs": 10, "batch_size": 64, "proxy_examples": 500, "proxy_steps": 5},
-        "eval": {"n_examples": 5000, "shards": 16},
+        # 'transfer' needs a surrogate other than C: torchvision's ResNet-18 (its file in TORCH_HOME too)
+        "eval": {"n_examples": 5000, "shards": 16, "surrogate_arch": "resnet18", "surrogate_weights": "IMAGENET1K_V1"},
     },
 }
 

@@ -69,15 +69,21 @@ class ClassifierConfig:
     lr: float = 1e-3
     batch_size: int = 128
     weight_decay: float = 0.0
-    weights: str | None = None  # local weights file (ImageNet ResNet-50)
+    weights: str | None = None  # torchvision weights name (IMAGENET1K_V2, DEFAULT; from TORCH_HOME) or a local file
     adversarial: str = "none"  # none | pgd (Madry) | trades
     adv_eps: float | None = None  # None -> attack.eps
     adv_steps: int = 7
     trades_beta: float = 6.0
     seed: int = 0
+    workers: int = 0  # Ray Train workers (DDP) that train C; 0: in the calling process (small datasets, CPU)
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("classifier.adversarial", self.adversarial, ("none", "pgd", "trades"))
+        _check_positive("classifier.workers", self.workers, allow_zero=True)
+        _check_positive("classifier.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
+        _check_positive("classifier.cpus_per_worker", self.cpus_per_worker)
         _check_positive("classifier.epochs", self.epochs, allow_zero=True)
         _check_positive("classifier.lr", self.lr)
         _check_positive("classifier.batch_size", self.batch_size)
@@ -188,7 +194,7 @@ class TrainConfig:
     proxy_examples: int = 200  # fixed validation subset attacked end to end every epoch
     proxy_steps: int = 10
     max_failures: int = 2  # Ray Train FailureConfig retries
-    amp: bool = True  # mixed precision, used only on GPU
+    amp: bool = True  # bf16 autocast + channels_last, used only on GPU (no-ops on CPU)
     max_batches: int | None = None  # cap on batches per epoch (tests, quick searches)
 
     def __post_init__(self) -> None:
@@ -221,6 +227,10 @@ class EvalConfig:
     batch_size: int = 250
     shifts: bool = True
     seed: int = 0
+    # The "transfer" attacker's surrogate: None -> C's own recipe with classifier.seed + 1. A pretrained C that is not
+    # trained (classifier.epochs=0) does not depend on the seed, so it needs another architecture (and weights).
+    surrogate_arch: str | None = None
+    surrogate_weights: str | None = None
 
     def __post_init__(self) -> None:
         for t in self.threat_models:

@@ -9,8 +9,9 @@ Threat models, each named in every output file:
 - `oblivious`: AutoAttack crafted against C alone, then fed through the defence.
 - `adaptive`: AutoAttack against the DefendedModel end to end (the gate and `bitdepth` give straight-through BPDA
   gradients); version `rand` (EoT) is used instead of the requested one when the translator is stochastic in eval mode.
-- `transfer`: AutoAttack against an independently trained surrogate classifier (`classifier.seed + 1`, trained and
-  cached if missing), then fed through the defence.
+- `transfer`: AutoAttack against a surrogate classifier other than C (`classifier.seed + 1`, on
+  `eval.surrogate_arch`/`eval.surrogate_weights` when set; trained and cached if missing), then fed through the
+  defence. A surrogate that would be C itself (a pretrained C with `classifier.epochs=0`) is refused before work.
 A point counts as robust when the defence classifies both x and its adversarial example correctly (the attacker may
 submit either), so robust accuracy never exceeds the defence's clean accuracy.
 

@@ -27,7 +27,7 @@ from oodray.config import ExperimentConfig, classifier_key
 from oodray.data import eval_subset, load_dataset
 from oodray.errors import ConfigError, OodrayError
 from oodray.evaluate.tasks import block_size, is_stochastic
-from oodray.fixed_classifier import get_classifier
+from oodray.fixed_classifier import get_classifier, surrogate_config
 from oodray.io import atomic_write_text, load_checkpoint
 from oodray.models.defended import build_defended
 from oodray.models.translator import CHECKPOINT_FILE, load_translator_checkpoint
@@ -127,13 +127,15 @@ def _load_inputs(cfg: ExperimentConfig, checkpoint: str | Path | None, label: st
     defended = build_defended(cfg, classifier, translator_state)  # a checkpoint that does not fit fails before work
     surrogate_state, surrogate_sha, notes = None, None, []
     if "transfer" in cfg.eval.threat_models:
-        _, spath = get_classifier(cfg.replace(**{"classifier.seed": cfg.classifier.seed + 1}), splits)
+        _, spath = get_classifier(surrogate_config(cfg), splits)
         surrogate_state, surrogate_sha = load_checkpoint(spath, what="surrogate classifier checkpoint"), _sha256(spath)
-        same = all(torch.equal(a, b) for a, b in zip(classifier_state["state_dict"].values(),
-                                                      surrogate_state["state_dict"].values()))
-        if same:  # e.g. pretrained weights with classifier.epochs=0: the seed changes nothing
-            notes.append({"kind": "surrogate_equals_classifier", "threat_model": "transfer", "detail":
-                          "the surrogate has C's exact weights, so 'transfer' is a white-box attack on C"})
+        same = surrogate_state["arch"] == classifier_state["arch"] and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(classifier_state["state_dict"].values(),
+                                                                     surrogate_state["state_dict"].values()))
+        if same:  # a recipe that ignores the seed: 'transfer' would be a white-box attack on C
+            raise ConfigError(f"the 'transfer' surrogate '{spath}' has C's exact weights; name another model with "
+                              "eval.surrogate_arch / eval.surrogate_weights, or leave 'transfer' out of "
+                              "eval.threat_models")
     arch = ExperimentConfig.from_dict(translator_state["config"]).translator.arch if translator_state \
         else cfg.translator.arch
     fingerprint = {"format": RESULT_FORMAT, "data": cfg.to_dict()["data"] | {"data_dir": None},
