@@ -45,8 +45,8 @@ def proxy_metrics(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch
     out["objective"] = search_objective(cfg, out)
     rate = getattr(defended, "flag_rate", lambda _x: None)
     if rate(x_val[:1]) is not None:
-        def chunked_rate(x: torch.Tensor) -> float:
-            return sum(rate(x[i:i + batch_size]) * len(x[i:i + batch_size])
+        def chunked_rate(x: torch.Tensor) -> float:  # counts per batch (a rate is k/len exactly), then the share
+            return sum(round(rate(x[i:i + batch_size]) * len(x[i:i + batch_size]))
                        for i in range(0, len(x), batch_size)) / len(x)
 
         out["gate_flag_rate_clean"], out["gate_flag_rate_attacked"] = chunked_rate(x_val), chunked_rate(x_adv)
