@@ -287,6 +287,12 @@ def build_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path, train: D
     recorded shard's sha256 (streamed), else only its size (trials of a search whose caches were just verified)."""
     import ray
 
+    if train is None and not verify:  # a trial: a complete cache is read without loading (scanning) the dataset
+        m = _read_manifest(cache_dir(cfg, classifier_path))
+        if m.get("format") == FORMAT and isinstance(m.get("n"), int):
+            plan = plan_oblivious_cache(cfg, classifier_path, m["n"], verify=False)
+            if not plan.todo:
+                return plan.dir, 0
     if train is None:
         train = load_dataset(cfg.data).train
     plan = plan_oblivious_cache(cfg, classifier_path, len(train), verify=verify)
@@ -302,6 +308,9 @@ def build_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path, train: D
     c = cfg.cache
     slots = ray.cluster_resources().get("GPU" if c.gpus_per_task > 0 else "CPU", 1.0) / (
         c.gpus_per_task if c.gpus_per_task > 0 else c.cpus_per_task)
+    if slots < 1:
+        log.warning("cache tasks ask for %g GPU each and the cluster has no GPU now: they wait until a GPU node "
+                    "joins (set cache.gpus_per_task=0 to build on CPUs)", c.gpus_per_task)
     per_task = max(1, min(c.shards_per_task, math.ceil(len(plan.todo) / max(1.0, slots))))
     groups = [plan.todo[i:i + per_task] for i in range(0, len(plan.todo), per_task)]
     log.info("oblivious cache %s: generating %d of %d shards (%d images, %s uint8) in %d Ray tasks of up to %d "

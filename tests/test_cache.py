@@ -116,6 +116,10 @@ def test_a_shard_altered_in_place_is_caught_when_first_opened_and_rebuilt_by_a_v
     _, cpath = get_classifier(cfg)
     d, _ = cache.build_oblivious_cache(cfg, cpath)
     good = _read_all(cache.ObliviousCache(d))
+    load = cache.load_dataset
+    monkeypatch.setattr(cache, "load_dataset", lambda _cfg: pytest.fail("a trial scanned the dataset"))
+    assert cache.build_oblivious_cache(cfg, cpath, verify=False)[1] == 0  # a trial reads a complete cache as it is
+    monkeypatch.setattr(cache, "load_dataset", load)
     shard = d / "shard-00003.pt"
     data = bytearray(shard.read_bytes())
     data[-30] ^= 0xFF  # same size: only the checksum can tell
