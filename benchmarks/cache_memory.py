@@ -10,9 +10,10 @@ FGSM (one step: the benchmark measures memory, not attack time). Each measuremen
   (Ray's GCS, raylet, workers; shared pages are counted once per process), sampled every 20 ms, and the peak of the
   largest single Ray worker;
 - read: one epoch of a shuffled DataLoader over `PairedImages(train, ObliviousCache(dir))`, as the Train loop reads
-  it; the process's peak RSS (ru_maxrss) and its growth during the epoch.
-Before format 2 the trainer held the whole cache as one float16 tensor (N x C x H x W x 2 bytes, plus a copy per
-worker and 2x on the driver during `torch.cat`); that size is printed for comparison.
+  it; the process's peak RSS from opening the cache to the end of the epoch (VmHWM, reset first), and
+  its growth over the RSS before;
+- read-whole, for comparison: the same epoch over the cache held as one float16 tensor, as format 1 held it in every
+  Train worker (and 2x on the driver during `torch.cat`, +1 in the object store).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,15 +40,22 @@ def _cfg(cache_dir: str, seed: int):
         "cache.batch_size=64", "cache.shards_per_task=4"])
 
 
-def _rss_kb(pid: int) -> int:
+def _rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in KiB."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def _reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak measured next is the one of what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _tree(root: int) -> list[int]:
@@ -105,7 +112,7 @@ def child_build(n: int, cache_dir: str, seed: int) -> dict[str, float]:
             "shards": generated, "dir": str(d)}
 
 
-def child_read(n: int, cache_dir: str, seed: int, directory: str) -> dict[str, float]:
+def child_read(n: int, cache_dir: str, seed: int, directory: str, whole: bool) -> dict[str, float]:
     import torch
     from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -115,17 +122,21 @@ def child_read(n: int, cache_dir: str, seed: int, directory: str) -> dict[str, f
 
     cfg = _cfg(cache_dir, seed)
     train = Subset(load_dataset(cfg.data).train, range(n))
+    before = _rss_kb(os.getpid())
+    _reset_peak()
     reader = ObliviousCache(directory)
+    if whole:  # what format 1 did: every shard concatenated into one float16 tensor in the trainer's memory
+        reader = torch.cat([torch.stack([reader[i] for i in range(s, min(n, s + 512))]).half()
+                            for s in range(0, n, 512)])
     data = PairedImages(train, reader)
     loader = DataLoader(data, batch_size=128, sampler=RandomSampler(data, generator=torch.Generator().manual_seed(0)))
-    before = _rss_kb(os.getpid())
     seen, dtypes = 0, set()
     for x, x_ood, _ in loader:
         seen += len(x)
         dtypes.add(x_ood.dtype)
     assert seen == n and dtypes == {torch.float32}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_mb": peak / 1024, "growth_mb": (peak - before) / 1024, "opens": reader.opens}
+    peak = _rss_kb(os.getpid(), "VmHWM")
+    return {"peak_mb": peak / 1024, "growth_mb": (peak - before) / 1024}
 
 
 def _run_child(*args: str) -> dict[str, float]:
@@ -144,7 +155,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=6000, help="N; 4N must fit Fashion-MNIST's 54,000 training images")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--child", choices=["build", "read"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["build", "read", "read-whole"], help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -152,8 +163,8 @@ def main() -> None:
     if args.child == "build":
         print(json.dumps(child_build(args.n, args.cache_dir, args.seed)))
         return
-    if args.child == "read":
-        print(json.dumps(child_read(args.n, args.cache_dir, args.seed, args.dir)))
+    if args.child in ("read", "read-whole"):
+        print(json.dumps(child_read(args.n, args.cache_dir, args.seed, args.dir, args.child == "read-whole")))
         return
     sizes = (args.n, 4 * args.n)
     load_before = os.getloadavg()
@@ -163,13 +174,15 @@ def main() -> None:
             for k, n in enumerate(sizes):
                 seed = 10 * r + k  # a cache of its own (train.seed is in the cache key, not in the classifier's)
                 b = _run_child("--child", "build", "--n", str(n), "--cache-dir", tmp, "--seed", str(seed))
-                rd = _run_child("--child", "read", "--n", str(n), "--cache-dir", tmp, "--seed", str(seed),
-                                "--dir", b.pop("dir"))
-                for key, v in {**{f"build_{k2}": v2 for k2, v2 in b.items()}, **{f"read_{k2}": v2 for k2, v2 in
-                                                                                   rd.items()}}.items():
+                d = b.pop("dir")
+                got = {f"build_{k2}": v2 for k2, v2 in b.items()}
+                for mode in ("read", "read-whole"):
+                    rd = _run_child("--child", mode, "--n", str(n), "--cache-dir", tmp, "--seed", str(seed), "--dir", d)
+                    got.update({f"{mode}_{k2}": v2 for k2, v2 in rd.items()})
+                for key, v in got.items():
                     rows[n].setdefault(key, []).append(float(v))
-                print(f"repeat {r + 1}/{args.repeats} N={n}: " + ", ".join(f"{k2} {v2:.1f}" for k2, v2 in
-                                                                           {**b, **rd}.items()), flush=True)
+                print(f"repeat {r + 1}/{args.repeats} N={n}: " + ", ".join(f"{k2} {v2:.1f}" for k2, v2 in got.items()),
+                      flush=True)
     load_after = os.getloadavg()
     print(f"\nFashion-MNIST 1x28x28, FGSM, cache.batch_size=64, shards of 512; median (min-max) of {args.repeats} "
           f"interleaved repeats; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
@@ -177,7 +190,8 @@ def main() -> None:
     for key, label in (("build_tree_mb", "build: peak RSS, all processes MB"), ("build_worker_mb",
                        "build: peak RSS, largest task MB"), ("build_seconds", "build: seconds"),
                        ("read_peak_mb", "trainer input: peak RSS MB"), ("read_growth_mb",
-                       "trainer input: growth in epoch MB")):
+                       "trainer input: growth MB"), ("read-whole_peak_mb", "format 1 (one tensor): peak RSS MB"),
+                       ("read-whole_growth_mb", "format 1 (one tensor): growth MB")):
         a, b = rows[sizes[0]][key], rows[sizes[1]][key]
         ratio = statistics.median(b) / statistics.median(a) if statistics.median(a) else float("nan")
         print(f"{label:34}{_fmt(a):>24}{_fmt(b):>24}{ratio:12.2f}")

@@ -195,8 +195,11 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
     from ray.tune.search.optuna import OptunaSearch
 
     pareto = cfg.tune.objective == "pareto"
+    # Trial drivers run on any node: they get the cache directory this driver resolved (a node's own OODRAY_CACHE or
+    # home directory would hold no classifier and no oblivious cache).
+    base = cfg.replace(cache_dir=str(cfg.resolved_cache_dir().absolute())).to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=cfg.to_dict(), exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
+        tune.with_parameters(trial_driver, base=base, exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
     live = trial_table("robust_accuracy" if pareto else "objective", "max")  # also for restore
     if resume:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
