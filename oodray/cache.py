@@ -4,10 +4,12 @@ Every trial that uses the same classifier (by its weights), dataset split and at
 directory `<cache>/oblivious/<dataset>-<key>/`. On a multi-node cluster that directory must sit on a file system
 every node mounts (NFS, EFS, Lustre): tasks write shards wherever they run and trainers read them wherever they run.
 
-Format (`FORMAT`): shards of `SHARD_SIZE` images stored as uint8 on the 1/255 grid (1 byte per pixel, a quarter of
-float32), each written atomically (temp file + rename) and recorded with its size and sha256 in `manifest.json` only
-once complete, so an interrupted build leaves at most unrecorded shards, which the next build regenerates, alone.
-A manifest of another format (the float16 caches of format 1) is not read: its shards are regenerated.
+Format (`FORMAT`): shards of `SHARD_SIZE` images stored as raw uint8 bytes on the 1/255 grid (N x C x H x W, 1 byte
+per pixel, a quarter of float32; the shape is in the manifest), each written atomically (temp file + rename) and
+recorded with its size and sha256 in `manifest.json` only once complete, so an interrupted build leaves at most
+unrecorded shards, which the next build regenerates, alone. Raw bytes are data only: nothing is ever unpickled from a
+shard. A manifest of another format (the float16 torch shards of format 1) is not read: its shards are regenerated
+and the old files removed.
 
 Quantisation (`quantize`) never moves a pixel further from the clean image x than the attack did when x lies on the
 1/255 grid (MNIST, Fashion-MNIST, CIFAR-10, ImageNet decoded by PIL): each pixel takes the grid neighbour of the
@@ -22,8 +24,9 @@ the training split passed once through the object store, never re-scanned by a t
 generators: each shard is recorded as soon as it is written. The attack runs in float32: bf16 autocast would change
 the sign of small gradient components of PGD steps, so the cached images would depend on the device.
 
-Reading (`ObliviousCache`): an index maps to its shard; shards are memory-mapped on demand with a small LRU (memory
-O(shard), never O(dataset)), each checked against its sha256 the first time this process opens it.
+Reading (`ObliviousCache`): an index maps to its shard and offset; one image is read with `os.pread` (memory O(image),
+never O(dataset); no mapping keeps pages resident), from a small LRU of open shard files, each checked against its
+sha256 (streamed) the first time this process opens it.
 
 ray is imported inside the functions that use it, so that importing this module stays light.
 """
@@ -35,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections import OrderedDict
@@ -50,11 +54,11 @@ from oodray.config import ExperimentConfig
 from oodray.data import load_dataset, stack
 from oodray.errors import CheckpointError, StorageFullError
 from oodray.io import (
+    atomic_write_bytes,
     atomic_write_text,
     ensure_writable_dir,
     load_checkpoint,
-    map_checkpoint,
-    save_checkpoint,
+    reading,
     sha256_file,
 )
 from oodray.models.classifier import classifier_from_state
@@ -62,9 +66,9 @@ from oodray.progress import Progress
 from oodray.runtime import task_device
 
 log = logging.getLogger(__name__)
-FORMAT = "oodray.oblivious-cache/2"  # uint8 shards; format 1 (no tag in the manifest) held float16
+FORMAT = "oodray.oblivious-cache/2"  # raw uint8 shards; format 1 (no tag in the manifest) held float16 torch files
 SHARD_SIZE = 512
-MAX_OPEN_SHARDS = 4  # shards a reader keeps memory-mapped at once
+MAX_OPEN_SHARDS = 8  # shard files a reader keeps open at once
 GRID = 255
 SNAP = 1e-4  # an attacked value within SNAP/255 of a grid point is that grid point (float32 rounding of x +- eps)
 
@@ -143,7 +147,7 @@ def _read_manifest(d: Path) -> dict[str, Any]:
 
 
 def _shard_file(d: Path, sid: str) -> Path:
-    return d / f"shard-{sid}.pt"
+    return d / f"shard-{sid}.u8"
 
 
 def _shard_ok(d: Path, sid: str, entry: dict[str, Any] | None, verify: bool) -> bool:
@@ -186,7 +190,7 @@ def plan_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path, n: int, v
     manifest = _read_manifest(d)
     header = {"format": FORMAT, "n": n, "shard_size": SHARD_SIZE, "batch_size": batch, "shape": list(shape)}
     if any(manifest.get(k) != v for k, v in header.items()):
-        manifest = {"shards": {}}  # another format (float16 shards) or another layout: regenerate every shard
+        manifest = {"shards": {}, "stale": manifest.get("format") != FORMAT}  # another format or layout: regenerate
     manifest.update(header)
     todo = [(f"{i:05d}", s, min(n, s + SHARD_SIZE)) for i, s in enumerate(range(0, n, SHARD_SIZE))
             if not _shard_ok(d, f"{i:05d}", manifest["shards"].get(f"{i:05d}"), verify)]
@@ -209,7 +213,7 @@ def check_space(plans: list[CachePlan]) -> None:
             continue
         where = _existing_parent(p.dir)
         dev = where.stat().st_dev
-        extra = p.todo_bytes + SHARD_SIZE * math.prod(p.shape) + 4096 * len(p.todo)  # + zip headers
+        extra = p.todo_bytes + SHARD_SIZE * math.prod(p.shape)
         need[dev] = (need.get(dev, (0, where))[0] + extra, need.get(dev, (0, where))[1])
     for total, where in need.values():
         free = shutil.disk_usage(where).free
@@ -264,9 +268,9 @@ def _generate_shards(cfg_dict: dict[str, Any], classifier_state: dict[str, Any],
         for s in range(start, stop, batch):
             x, y = stack(train, range(s, min(stop, s + batch)))
             parts.append(attack_chunk(cfg, classifier, x, y, s, device))
-        path = _shard_file(Path(out), sid)
-        sha = save_checkpoint({"format": FORMAT, "x_adv": torch.cat(parts), "start": start, "stop": stop}, path)
-        yield sid, start, stop, sha, path.stat().st_size
+        data = torch.cat(parts).contiguous().numpy().tobytes()
+        atomic_write_bytes(_shard_file(Path(out), sid), data)
+        yield sid, start, stop, hashlib.sha256(data).hexdigest(), len(data)
 
 
 def _estimate_seconds(cfg: ExperimentConfig, state: dict[str, Any], train: Dataset, plan: CachePlan) -> float:
@@ -302,6 +306,9 @@ def build_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path, train: D
         return d, 0
     check_space([plan])
     ensure_writable_dir(d, "oblivious cache directory")
+    if plan.manifest.pop("stale", False):
+        for old in d.glob("shard-*.pt"):  # format 1's float16 torch files, never read again
+            old.unlink(missing_ok=True)
     state = load_checkpoint(classifier_path, what="classifier checkpoint")
     n_todo = sum(e - s for _, s, e in plan.todo)
     per_image = _estimate_seconds(cfg, state, train, plan)
@@ -350,9 +357,10 @@ def ensure_oblivious_cache(cfg: ExperimentConfig, classifier_path: Path, train: 
 class ObliviousCache:
     """The cached images of a complete cache directory, by training index, as float [0,1] CHW tensors.
 
-    Shards are memory-mapped when an index needs them and at most `max_open` stay open (least recently used first
-    out), so a reader holds O(shard) memory whatever the dataset's size; each shard's sha256 is checked the first
-    time this process opens it. Picklable (DataLoader workers, Ray): open shards are not carried along.
+    Each item is one `os.pread` of C x H x W bytes from its shard file; at most `max_open` shard files stay open
+    (least recently used closed first), so a reader holds O(image) memory whatever the dataset's size, and no mapped
+    pages stay resident. Each shard's sha256 is checked (streamed) the first time this process opens it. Picklable
+    (DataLoader workers, Ray): open files are not carried along.
     """
 
     def __init__(self, directory: str | Path, max_open: int = MAX_OPEN_SHARDS) -> None:
@@ -361,15 +369,18 @@ class ObliviousCache:
         if m.get("format") != FORMAT:
             raise CheckpointError(f"oblivious cache '{self.dir}' is not a complete cache of format {FORMAT}; build it "
                                   "with oodray.cache.build_oblivious_cache (oodray.train and oodray.tune do)")
-        self.n, self.shard_size = int(m["n"]), int(m["shard_size"])
-        self.entries = m["shards"]
+        with reading(self.dir / "manifest.json"):
+            self.n, self.shard_size = int(m["n"]), int(m["shard_size"])
+            self.shape = tuple(int(v) for v in m["shape"])
+            self.entries = m["shards"]
+        self.image_bytes = math.prod(self.shape)
         missing = [f"{i:05d}" for i in range(math.ceil(self.n / self.shard_size)) if f"{i:05d}" not in self.entries]
         if missing:
             raise CheckpointError(f"oblivious cache '{self.dir}' misses {len(missing)} shards (first: {missing[0]}); "
                                   "its build did not finish: run the same command again to complete it")
-        self._open: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._open: OrderedDict[str, int] = OrderedDict()  # shard id -> open file descriptor
         self._verified: set[str] = set()
-        self.opens = 0  # shards mapped so far (the LRU's misses)
+        self.opens = 0  # shard files opened so far (the LRU's misses)
 
     def __len__(self) -> int:
         return self.n
@@ -378,27 +389,44 @@ class ObliviousCache:
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for an oblivious cache of {self.n} images")
         sid = f"{i // self.shard_size:05d}"
-        return dequantize(self._shard(sid)[i - int(self.entries[sid]["start"])])
+        fd = self._fd(sid)
+        j = i - int(self.entries[sid]["start"])
+        data = os.pread(fd, self.image_bytes, j * self.image_bytes)
+        if len(data) != self.image_bytes:
+            raise CheckpointError(f"oblivious cache shard '{_shard_file(self.dir, sid)}' ends before image {i}; "
+                                  "delete the cache directory to rebuild it")
+        return dequantize(torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.shape))
 
-    def _shard(self, sid: str) -> torch.Tensor:
+    def _fd(self, sid: str) -> int:
         if sid in self._open:
             self._open.move_to_end(sid)
             return self._open[sid]
-        entry = self.entries[sid]
-        path = _shard_file(self.dir, sid)
-        state = map_checkpoint(path, what="oblivious cache shard",
-                               sha256=None if sid in self._verified else entry["sha256"])
-        x = state.get("x_adv")
-        if state.get("format") != FORMAT or not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or \
-                len(x) != int(entry["stop"]) - int(entry["start"]):
-            raise CheckpointError(f"oblivious cache shard '{path}' does not hold the uint8 images its manifest "
-                                  "records; delete the cache directory to rebuild it")
+        entry, path = self.entries[sid], _shard_file(self.dir, sid)
+        expect = (int(entry["stop"]) - int(entry["start"])) * self.image_bytes
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise CheckpointError(f"oblivious cache shard '{path}' does not exist; run the same command again to "
+                                  "rebuild it") from None
+        if size != expect or (sid not in self._verified and sha256_file(path) != entry["sha256"]):
+            raise CheckpointError(f"oblivious cache shard '{path}' does not match its recorded size and checksum "
+                                  "(partial or altered write); run the same command again to rebuild it")
         self._verified.add(sid)
         self.opens += 1
-        self._open[sid] = x
+        self._open[sid] = os.open(path, os.O_RDONLY)
         while len(self._open) > self.max_open:
-            self._open.popitem(last=False)
-        return x
+            os.close(self._open.popitem(last=False)[1])
+        return self._open[sid]
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": OrderedDict()}
@@ -406,4 +434,3 @@ class ObliviousCache:
     @property
     def open_shards(self) -> int:
         return len(self._open)
-

@@ -96,13 +96,8 @@ def load_checkpoint(path: str | Path, *, what: str = "checkpoint", sha256: str |
     data = path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise CheckpointError(f"{what} '{path}' does not match its recorded checksum (partial or altered write)")
-    return _load_data(io.BytesIO(data), path, what)
-
-
-def _load_data(source: Any, path: Path, what: str, mmap: bool = False) -> dict[str, Any]:
-    """torch.load with weights_only=True; every failure is a one-line `CheckpointError` naming the file."""
     try:
-        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt/unsafe files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -121,17 +116,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def map_checkpoint(path: str | Path, *, what: str = "checkpoint", sha256: str | None = None) -> dict[str, Any]:
-    """`load_checkpoint` for large files: the checksum is computed streaming and the tensors are memory-mapped
-    (`torch.load(mmap=True)`), so reading one slice of a tensor reads only those pages, never the whole file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} '{path}' does not exist")
-    if sha256 is not None and sha256_file(path) != sha256:
-        raise CheckpointError(f"{what} '{path}' does not match its recorded checksum (partial or altered write)")
-    return _load_data(str(path), path, what, mmap=True)
 
 
 def check_finite(tensors: dict[str, Any], what: str, path: str | Path) -> None:

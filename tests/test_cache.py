@@ -120,9 +120,9 @@ def test_a_shard_altered_in_place_is_caught_when_first_opened_and_rebuilt_by_a_v
     monkeypatch.setattr(cache, "load_dataset", lambda _cfg: pytest.fail("a trial scanned the dataset"))
     assert cache.build_oblivious_cache(cfg, cpath, verify=False)[1] == 0  # a trial reads a complete cache as it is
     monkeypatch.setattr(cache, "load_dataset", load)
-    shard = d / "shard-00003.pt"
+    shard = d / "shard-00003.u8"
     data = bytearray(shard.read_bytes())
-    data[-30] ^= 0xFF  # same size: only the checksum can tell
+    data[123] ^= 0xFF  # same size: only the checksum can tell
     shard.write_bytes(bytes(data))
     reader = cache.ObliviousCache(d)
     assert torch.equal(reader[0], good[0])  # other shards read fine
@@ -146,7 +146,8 @@ def test_a_float16_cache_of_format_1_is_regenerated_not_read(monkeypatch):
     (d / "manifest.json").write_text(json.dumps({"n": 400, "shard_size": 512, "shards": {
         "00000": {"sha256": sha, "start": 0, "stop": 400}}}))
     try:
-        assert [s for s, _, _ in cache.plan_oblivious_cache(cfg, cpath, 400).todo] == ["00000"]
+        plan = cache.plan_oblivious_cache(cfg, cpath, 400)
+        assert [s for s, _, _ in plan.todo] == ["00000"] and plan.manifest["stale"]
         with pytest.raises(CheckpointError, match="format"):
             cache.ObliviousCache(d)
     finally:

@@ -308,14 +308,14 @@ def test_killed_cache_build_regenerates_only_unrecorded_shards(tmp_path, monkeyp
         kill_hard(proc)
     done = recorded()
     assert 2 <= len(done) < n_shards, f"the build finished ({len(done)} shards) before the kill"
-    kept = {sid: (d / f"shard-{sid}.pt").read_bytes() for sid in done}
+    kept = {sid: (d / f"shard-{sid}.u8").read_bytes() for sid in done}
     t_kill = time.time() - t0
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         _, generated = cache.build_oblivious_cache(cfg, cpath)
         assert generated == n_shards - len(done)
-        assert {sid: (d / f"shard-{sid}.pt").read_bytes() for sid in done} == kept
+        assert {sid: (d / f"shard-{sid}.u8").read_bytes() for sid in done} == kept
         resumed = _read_all(cache.ObliviousCache(d))
         assert resumed.shape == (400, 1, 8, 8)
         # The uninterrupted answer: the same cache built from nothing in one go.
