@@ -225,7 +225,11 @@ def check_space(plans: list[CachePlan]) -> None:
 
 
 def _gb(b: float) -> str:
-    return f"{b / 1e9:.3g} GB"
+    """A byte count for people: 174 GB, 25.6 kB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= size:
+            return f"{b / size:.3g} {unit}"
+    return f"{b:.0f} B"
 
 
 def check_cache_space(cfgs: list[ExperimentConfig], classifier_paths: list[Path], n: int) -> list[CachePlan]:
@@ -274,11 +278,12 @@ def _generate_shards(cfg_dict: dict[str, Any], classifier_state: dict[str, Any],
 
 
 def _estimate_seconds(cfg: ExperimentConfig, state: dict[str, Any], train: Dataset, plan: CachePlan) -> float:
-    """CPU seconds per image of this attack, measured on a few training images on the driver (a rough figure: GPU
-    tasks are much faster, and the first batch carries warm-up)."""
+    """CPU seconds per image of this attack, measured on a few training images on the driver after one warm-up image
+    (a rough figure: GPU tasks are much faster, larger batches somewhat faster per image)."""
     k = min(4, plan.n)
     x, y = stack(train, range(k))
     classifier = classifier_from_state(state)
+    attack_chunk(cfg, classifier, x[:1], y[:1], 0)
     t0 = time.perf_counter()
     attack_chunk(cfg, classifier, x, y, 0)
     return (time.perf_counter() - t0) / k

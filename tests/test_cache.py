@@ -166,7 +166,7 @@ def test_a_cache_that_does_not_fit_is_refused_with_its_size(monkeypatch):
     plan = cache.plan_oblivious_cache(cfg, cpath, 400, verify=False)
     assert plan.total_bytes == 400 * 1 * 8 * 8  # one byte per pixel
     _tiny_disk(monkeypatch, plan.total_bytes)  # the images fit, the temp file of a shard in flight does not
-    with pytest.raises(StorageFullError, match="needs .* GB under .* free.*train.regime=adaptive"):
+    with pytest.raises(StorageFullError, match=r"needs 58.4 kB under .* only 25.6 kB is free.*train.regime=adaptive"):
         cache.check_cache_space([cfg], [cpath], 400)
     _tiny_disk(monkeypatch, 10 * plan.total_bytes)
     assert cache.check_cache_space([cfg], [cpath], 400)[0].todo  # fits: planned, nothing written
