@@ -109,6 +109,15 @@ def load_checkpoint(path: str | Path, *, what: str = "checkpoint", sha256: str |
     return obj
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file read in 1 MiB pieces (memory O(chunk), whatever the file's size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_finite(tensors: dict[str, Any], what: str, path: str | Path) -> None:
     """Refuses weights holding NaN/Inf (a diverged or damaged run): every output computed from them is meaningless."""
     for key, v in tensors.items():

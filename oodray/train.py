@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from oodray.attacks import attack_specs, mixed_attack
-from oodray.cache import ensure_oblivious_cache
+from oodray.cache import ObliviousCache, build_oblivious_cache, check_cache_space
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.compute import Compute, attack_passes, translator_step_passes
 from oodray.config import ExperimentConfig, classifier_key, config_hash, save_config
@@ -60,6 +60,7 @@ from oodray.shifts import random_shifts
 from oodray.storage import is_uri, storage_uri
 
 log = logging.getLogger(__name__)
+GATE_EXAMPLES = 5000  # training and validation images the OOD gate is fitted on (at most; a seeded subset of val)
 # Names that moved to the modules they belong to, kept importable from here.
 __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "PairedImages", "attack_specs", "check_resumable", "config_hash",
            "fit_translator", "init_ray", "load_defended", "load_translator_checkpoint", "main", "pin_ray_address",
@@ -73,7 +74,7 @@ def run_name(cfg: ExperimentConfig) -> str:
 class PairedImages(Dataset):
     """(clean image, cached oblivious OOD image or the clean one, label, index) for each training example."""
 
-    def __init__(self, base: Dataset, ood: torch.Tensor | None) -> None:
+    def __init__(self, base: Dataset, ood: ObliviousCache | torch.Tensor | None) -> None:
         self.base, self.ood = base, ood
 
     def __len__(self) -> int:
@@ -167,8 +168,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     x_val, y_val = (t.to(device) for t in eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)),
                                                         cfg.data.seed))
     if cfg.translator.gate and gate is None:
-        x_tr, y_tr = stack(splits.train, range(min(len(splits.train), 5000)))
-        x_v, _ = stack(splits.val)
+        x_tr, y_tr = stack(splits.train, range(min(len(splits.train), GATE_EXAMPLES)))
+        x_v, _ = eval_subset(splits.val, min(len(splits.val), GATE_EXAMPLES), cfg.data.seed)  # a percentile: any order
         gate = MahalanobisGate.fit(classifier.cpu(), x_tr, x_v, cfg.translator.gate_percentile, y_train=y_tr)
         classifier.to(device)
     if gate is not None:
@@ -177,7 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if disc is not None:
         disc = ray.train.torch.prepare_model(disc)
     raw_t = translator.module if hasattr(translator, "module") else translator
-    ood = _resolve(loop_config["oblivious"]) if loop_config.get("oblivious") is not None else None
+    ood = ObliviousCache(loop_config["oblivious"]) if loop_config.get("oblivious") is not None else None
     data = PairedImages(splits.train, ood)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(data) >= 2 * world *
@@ -348,9 +349,11 @@ def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
                               f"'{cfg.data.name}'; pass another --name to start a new run")
 
 
-def prepare_run(cfg: ExperimentConfig) -> dict[str, Any]:
+def prepare_run(cfg: ExperimentConfig, verify_cache: bool = True) -> dict[str, Any]:
     """Driver-side preparation shared by `oodray.train` and each Tune trial: the fixed classifier (trained and
-    cached if missing) and, for the oblivious regime, the shared cache of attacks on C (Ray tasks)."""
+    cached if missing) and, for the oblivious regime, the shared cache of attacks on C (Ray tasks), passed to the
+    workers as its directory (each reads it lazily). `verify_cache=False` checks the cache's shard sizes only (a
+    trial whose search verified every shard's checksum before it started)."""
     import ray
 
     _, cpath = get_classifier(cfg)
@@ -360,10 +363,9 @@ def prepare_run(cfg: ExperimentConfig) -> dict[str, Any]:
     loop: dict[str, Any] = {"config": cfg.to_dict(), "classifier": ray.put(state),
                             "classifier_key": classifier_key(cfg), "oblivious": None}
     if cfg.train.regime == "oblivious":
-        cached = ensure_oblivious_cache(cfg, cpath)
-        loop["oblivious"] = ray.put(cached)
+        loop["oblivious"] = str(build_oblivious_cache(cfg, cpath, verify=verify_cache)[0])
         # Crafting the cache cost one attack per training example, once; reported beside each run's own passes.
-        loop["cache_passes"] = attack_passes(attack_specs(cfg)) * len(cached)
+        loop["cache_passes"] = attack_passes(attack_specs(cfg)) * len(ObliviousCache(loop["oblivious"]))
     return loop
 
 
@@ -413,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         ensure_writable_dir(run_dir, "storage path")
         hold_lock(run_dir, "run directory")  # one writer per run, before Ray starts (released by cli.run)
         check_resumable(cfg, run_dir)
-    classifier, _ = get_classifier(cfg, load_dataset(cfg.data))  # bad data or a bad cached C fail here, before Ray
+    splits = load_dataset(cfg.data)
+    classifier, cpath = get_classifier(cfg, splits)  # bad data or a bad cached C fail here, before Ray
+    if cfg.train.regime == "oblivious":
+        check_cache_space([cfg], [cpath], len(splits.train))  # a cache that cannot fit is refused before Ray
     build_translator(cfg.translator, classifier.info.channels, classifier.info.image_size)  # unknown arch, bad sizes
     if not is_uri(storage):
         save_config(cfg, run_dir, "oodray_config.json")

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from oodray.cache import build_oblivious_cache
+from oodray.cache import build_oblivious_cache, check_cache_space
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.config import ExperimentConfig, config_hash, flatten, save_config
 from oodray.data import load_dataset
@@ -84,27 +84,36 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> 
     cfg0 = ExperimentConfig.from_dict(base)
     cfg = cfg0.replace(**trial_overrides(params, cfg0))
     name = trial_name(tune.get_context().get_trial_id())
-    result = fit_translator(cfg, prepare_run(cfg), storage=storage_join(exp_dir, "train"), name=name,
+    # The search verified every cache's checksums before trials started; a trial checks shard sizes only.
+    loop = prepare_run(cfg, verify_cache=False)
+    result = fit_translator(cfg, loop, storage=storage_join(exp_dir, "train"), name=name,
                             callbacks=[TuneReportCallback()])
     if result.error:
         raise result.error
 
 
-def precompute_caches(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]]) -> None:
-    """Builds the oblivious caches of every attack variant the search can pick, before trials need them (as Ray
-    tasks, while the whole cluster is free), so trials only read them."""
+def cache_variants(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]]) -> list[ExperimentConfig]:
+    """The configs of every oblivious cache the search can pick (one per attack variant; none without that regime)."""
     def values(key: str) -> list[Any]:
         kind, arg = space[key]
         return [arg] if kind == "fixed" else list(arg)
 
-    regimes = values("train.regime")
-    if "oblivious" not in regimes:
-        return
+    if "oblivious" not in values("train.regime"):
+        return []
+    variants = []
     for attacks, eps_mix, steps in itertools.product(values("attack.attacks"), values("attack.eps_mix"),
                                                      values("attack.steps")):
         params = {"attack.attacks": attacks, "attack.eps_mix": eps_mix, "attack.steps": steps}
-        variant = cfg.replace(**{k: v for k, v in trial_overrides(params, cfg).items() if k.startswith("attack.")})
-        build_oblivious_cache(variant, classifier_path(variant))
+        variants.append(cfg.replace(**{k: v for k, v in trial_overrides(params, cfg).items()
+                                       if k.startswith("attack.")}))
+    return variants
+
+
+def precompute_caches(cfg: ExperimentConfig, space: dict[str, tuple[str, Any]], train: Any = None) -> None:
+    """Builds the oblivious caches of every attack variant the search can pick, before trials need them (as Ray
+    tasks, while the whole cluster is free), so trials only read them."""
+    for variant in cache_variants(cfg, space):
+        build_oblivious_cache(variant, classifier_path(variant), train)
 
 
 def experiment_name(cfg: ExperimentConfig, objective: str) -> str:
@@ -194,8 +203,11 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
     from ray.tune.search.optuna import OptunaSearch
 
     pareto = cfg.tune.objective == "pareto"
+    # Trial drivers run on any node: they get the cache directory this driver resolved (a node's own OODRAY_CACHE or
+    # home directory would hold no classifier and no oblivious cache).
+    base = cfg.replace(cache_dir=str(cfg.resolved_cache_dir().absolute())).to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=cfg.to_dict(), exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
+        tune.with_parameters(trial_driver, base=base, exp_dir=str(exp_dir)), {"CPU": DRIVER_CPUS})
     live = trial_table("robust_accuracy" if pareto else "objective", "max")  # also for restore
     if resume:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
@@ -328,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     for arch in [archs] if arch_kind == "fixed" else archs:  # a translator the search may pick must exist and fit
         build_translator(cfg.replace(**{"translator.arch": arch}).translator, splits.info.channels,
                          splits.info.image_size)
+    variants = cache_variants(cfg, space)  # caches that cannot fit are refused before Ray starts, all together
+    check_cache_space(variants, [classifier_path(v) for v in variants], len(splits.train))
     resume_cmd = " ".join(["python -m oodray.tune", *map(shlex.quote, sys.argv[1:] if argv is None else argv),
                            *([] if args.resume else ["--resume"])])
     step = "starting Ray"
@@ -341,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_uri(storage):
             mirror_up(exp_dir, exp_uri, ["oodray_config.json"])
         step = "the oblivious-cache build"
-        precompute_caches(cfg, space)
+        precompute_caches(cfg, space, splits.train)
         max_depth = int(math.log2(min(splits.info.image_size)))
         t0 = time.time()
         step = "the search"

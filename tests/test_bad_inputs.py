@@ -330,8 +330,9 @@ def test_translator_checkpoint_carrying_code_is_refused_without_running(tmp_path
 
 
 def test_cache_shard_carrying_code_is_refused_without_running(tmp_path):
-    """Even with a manifest whose checksum matches (someone who can write the cache), a shard is only ever data."""
-    from oodray.cache import cache_dir, ensure_oblivious_cache
+    """Even with a manifest whose checksum matches (someone who can write the cache), a shard is only ever read as raw
+    uint8 bytes: a pickle put in its place is never unpickled."""
+    from oodray.cache import FORMAT, ObliviousCache, cache_dir
     from oodray.classifier import classifier_key, get_classifier
 
     marker = tmp_path / "pwned"
@@ -341,12 +342,13 @@ def test_cache_shard_carrying_code_is_refused_without_running(tmp_path):
     _, cpath = get_classifier(cfg)
     d = cache_dir(cfg, cpath)
     d.mkdir(parents=True)
-    torch.save({"x_adv": _Boom(marker), "start": 0, "stop": 400}, d / "shard-00000.pt")
-    sha = hashlib.sha256((d / "shard-00000.pt").read_bytes()).hexdigest()
-    (d / "manifest.json").write_text(json.dumps({"n": 400, "shard_size": 512, "shards": {
-        "00000": {"sha256": sha, "start": 0, "stop": 400}}}))
-    with pytest.raises(CheckpointError, match="refused to unpickle"):
-        ensure_oblivious_cache(cfg, cpath)
+    torch.save({"x_adv": _Boom(marker), "start": 0, "stop": 400}, d / "shard-00000.u8")
+    sha = hashlib.sha256((d / "shard-00000.u8").read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps({
+        "format": FORMAT, "n": 400, "shard_size": 512, "batch_size": 512, "shape": [1, 8, 8], "shards": {
+            "00000": {"sha256": sha, "bytes": 400 * 64, "start": 0, "stop": 400}}}))
+    with pytest.raises(CheckpointError, match="does not match its recorded size"):
+        ObliviousCache(d)[0]  # what a Train worker reads
     assert not marker.exists()
 
 

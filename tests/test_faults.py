@@ -275,6 +275,10 @@ print("finished", flush=True)
 """
 
 
+def _read_all(reader) -> torch.Tensor:
+    return torch.stack([reader[i] for i in range(len(reader))])
+
+
 def test_killed_cache_build_regenerates_only_unrecorded_shards(tmp_path, monkeypatch):
     """SIGKILL a process building the oblivious cache after some shards are recorded: the next build keeps those
     shards byte for byte, regenerates only the others, and the result equals an uninterrupted build."""
@@ -304,21 +308,21 @@ def test_killed_cache_build_regenerates_only_unrecorded_shards(tmp_path, monkeyp
         kill_hard(proc)
     done = recorded()
     assert 2 <= len(done) < n_shards, f"the build finished ({len(done)} shards) before the kill"
-    kept = {sid: (d / f"shard-{sid}.pt").read_bytes() for sid in done}
+    kept = {sid: (d / f"shard-{sid}.u8").read_bytes() for sid in done}
     t_kill = time.time() - t0
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         _, generated = cache.build_oblivious_cache(cfg, cpath)
         assert generated == n_shards - len(done)
-        assert {sid: (d / f"shard-{sid}.pt").read_bytes() for sid in done} == kept
-        resumed = cache.load_oblivious_cache(d)
+        assert {sid: (d / f"shard-{sid}.u8").read_bytes() for sid in done} == kept
+        resumed = _read_all(cache.ObliviousCache(d))
         assert resumed.shape == (400, 1, 8, 8)
         # The uninterrupted answer: the same cache built from nothing in one go.
         d.rename(d.with_name(d.name + "-resumed"))
         _, generated = cache.build_oblivious_cache(cfg, cpath)
         assert generated == n_shards
-        assert torch.equal(cache.load_oblivious_cache(d), resumed)
+        assert torch.equal(_read_all(cache.ObliviousCache(d)), resumed)
         print(f"cache: killed after {t_kill:.0f}s with {len(done)}/{n_shards} shards; resumed and rebuilt in "
               f"{time.time() - t0 - t_kill:.0f}s")
     finally:

@@ -70,6 +70,10 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "train.max_failures": ("-1", ">= 0"),
     "train.amp": ("often", "true or false"),
     "train.max_batches": ("-1", "> 0"),
+    "cache.batch_size": ("0", "> 0"),
+    "cache.shards_per_task": ("0", "> 0"),
+    "cache.gpus_per_task": ("-1", ">= 0"),
+    "cache.cpus_per_task": ("0", "> 0"),
     "eval.threat_models": ("[blackbox]", "oblivious, adaptive, transfer"),
     "eval.norms": ("[L1]", "Linf, L2"),
     "eval.eps": ("[5.0]", "out of range"),
@@ -295,7 +299,8 @@ def test_every_attack_setting_and_the_weights_are_in_the_oblivious_cache_key(tmp
     c1 = classifier_file("c1.pt", 1.0)
     dirs = {cache_dir(base, c1)}
     changes = {"attack.norm": "L2", "attack.eps": 0.05, "attack.attacks": ("fgsm",), "attack.eps_mix": (0.1, 0.05),
-               "attack.steps": 3, "train.seed": 4, "data.seed": 2, "data.val_fraction": 0.2, "data.image_size": 64}
+               "attack.steps": 3, "train.seed": 4, "data.seed": 2, "data.val_fraction": 0.2, "data.image_size": 64,
+               "cache.batch_size": 16}
     for key, value in changes.items():
         d = cache_dir(base.replace(**{key: value}), c1)
         assert d not in dirs, key

@@ -40,6 +40,13 @@ def check_eps(key: str, eps: float, norm: str) -> None:
         raise ConfigError(f"{key}={eps!r} is out of range; {norm} eps must be in (0, {limit:g}] on [0,1] pixels")
 
 
+def check_cache_path(key: str, value: str | None) -> None:
+    """Caches are read lazily, shard by shard, through the file system: an object-store URI cannot hold them."""
+    if value and "://" in value:
+        raise ConfigError(f"{key}={value!r} is a URI; the cache needs a file-system path, on a cluster one that every "
+                          "node mounts (NFS, EFS, Lustre, ...)")
+
+
 def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or not math.isfinite(value):
@@ -215,6 +222,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """How the oblivious cache is built: Ray tasks, each loading C once and generating several shards."""
+
+    batch_size: int | None = None  # images attacked at once; None -> from the image size (oodray.cache)
+    shards_per_task: int = 8  # shards one task generates after one load of C
+    gpus_per_task: float = 0.0
+    cpus_per_task: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None:
+            _check_positive("cache.batch_size", self.batch_size)
+        _check_positive("cache.shards_per_task", self.shards_per_task)
+        _check_positive("cache.gpus_per_task", self.gpus_per_task, allow_zero=True)
+        _check_positive("cache.cpus_per_task", self.cpus_per_task)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     threat_models: tuple[str, ...] = ("oblivious", "adaptive", "transfer")
     norms: tuple[str, ...] = ()  # empty -> attack.norm
@@ -293,11 +317,13 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         """Checks that span sections: every evaluated norm/eps and the adversarial-training eps are valid radii."""
+        check_cache_path("cache_dir", self.cache_dir)
         for norm in self.eval_norms():
             check_choice("eval.norms", norm, NORMS)
             for eps in self.eval_eps():
@@ -320,7 +346,11 @@ class ExperimentConfig:
         return ExperimentConfig.from_dict(d)
 
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir or os.environ.get("OODRAY_CACHE") or Path.home() / ".cache" / "oodray")
+        """Where fixed classifiers and oblivious caches live: a file-system path, shared by every node on a cluster."""
+        env = os.environ.get("OODRAY_CACHE")
+        if not self.cache_dir:
+            check_cache_path("OODRAY_CACHE", env)
+        return Path(self.cache_dir or env or Path.home() / ".cache" / "oodray").expanduser()
 
     def eval_norms(self) -> tuple[str, ...]:
         return self.eval.norms or (self.attack.norm,)

@@ -53,7 +53,7 @@ class MahalanobisGate(nn.Module):
         gate = cls(f.shape[1], len(groups))
         gate.mean.copy_(means.float())
         gate.precision.copy_(torch.linalg.inv(cov).float())
-        val_scores = gate.score(classifier, x_val)
+        val_scores = torch.cat([gate.score(classifier, x_val[i:i + 512]) for i in range(0, len(x_val), 512)])
         gate.tau.fill_(float(np.percentile(val_scores.numpy(), percentile)))
         gate.temperature.fill_(max(float(val_scores.std()), 1e-3) / 4)
         return gate
