@@ -58,4 +58,4 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"n_examples": 5000, "shards": 16},
     },
 }
-
+PRESETS["imagefolder"] = PRESETS["imagenet"]  # one builder, two names: a user's own ImageFolder starts as ImageNet
