@@ -71,7 +71,9 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 
 class PairedImages(Dataset):
-    """(clean image, cached oblivious OOD image or the clean one, label, index) for each training example."""
+    """(clean image, cached oblivious OOD image, label) for each training example. Without a cache (the adaptive
+    regime crafts its OOD inputs on the fly) the second item is an empty placeholder, not a second copy of the image:
+    a decode process would otherwise ship every image twice."""
 
     def __init__(self, base: Dataset, ood: torch.Tensor | None) -> None:
         self.base, self.ood = base, ood
@@ -81,7 +83,10 @@ class PairedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         x, y = self.base[i]
-        return x, (self.ood[i].float() if self.ood is not None else x), y
+        return x, (self.ood[i].float() if self.ood is not None else NO_CACHE), y
+
+
+NO_CACHE = torch.empty(0)
 
 
 def ood_batch(cfg: ExperimentConfig, defended_eval: torch.nn.Module, x: torch.Tensor, x_cached: torch.Tensor,
@@ -198,7 +203,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for b, (x, x_cached, y) in enumerate(one_line_errors(loader)):
             if cfg.train.max_batches is not None and b >= cfg.train.max_batches:
                 break
-            batch = (x.to(device), x_cached.to(device), y.to(device))
+            x = x.to(device, non_blocking=True)
+            x_cached = x_cached.to(device, non_blocking=True) if x_cached.numel() else x  # no cache: x, as before
+            batch = (x, x_cached, y.to(device, non_blocking=True))
             terms = train_step(cfg, translator, classifier, gate, objective, (opt, opt_d), disc, batch, g, use_amp)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
