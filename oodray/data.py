@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from oodray.errors import DataError
+from oodray.imagefolder import ImageFiles, load_index
 from oodray.registry import Registry
 
 if TYPE_CHECKING:  # annotations only: the config package resolves dataset names through this module
@@ -309,8 +310,6 @@ def _cifar10(cfg: DataConfig) -> Splits:
 
 def _imagefolder(cfg: DataConfig) -> Splits:
     """Any ImageFolder root with train/ and val/ (same class folders), decoded per item; the index is cached."""
-    from oodray.imagefolder import ImageFiles, load_index
-
     if not cfg.data_dir:
         raise DataError(f"{cfg.name} needs --data-dir pointing at a folder with train/ and val/, one subfolder per "
                         "class")

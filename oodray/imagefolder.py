@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from oodray.errors import DataError
@@ -128,8 +129,6 @@ def check_image_headers(root: Path, rel_paths: list[bytes], name: str = "imagefo
     """Opens each file with PIL, which reads its header only (format, size): a file it cannot identify is a one-line
     `DataError` naming it. Decoding every file would cost ~4 ms each (1.5 CPU-hours at ImageNet); this costs a few
     dozen microseconds per file and runs once per dataset version."""
-    from PIL import Image, UnidentifiedImageError
-
     def check(rel: bytes) -> str | None:
         path = root / rel.decode()
         try:
@@ -196,8 +195,6 @@ class ImageFiles(Dataset):
         return self._tf
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path = self.root / self.paths[i].decode()
         try:
             with Image.open(path) as im:

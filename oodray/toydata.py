@@ -13,14 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def make_toy_imagefolder(root: str | Path, classes: int = 10, per_class: int = 20, val_per_class: int = 5,
                          size: int = 96, seed: int = 0, quality: int = 90) -> Path:
     """Writes `root/{train,val}/class_XX/NNNNN.JPEG` (per_class train and val_per_class val images of size x size);
     returns the root."""
-    from PIL import Image
-
     root = Path(root)
     rng = np.random.default_rng(seed)
     colours = rng.uniform(0.15, 0.85, (classes, 3))
