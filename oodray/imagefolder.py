@@ -10,9 +10,11 @@ The index (paths relative to the root as one numpy bytes array, int32 labels) is
 `$OODRAY_CACHE/imagefolder-index/<digest of the root>.npz` (default `~/.cache/oodray`), together with the
 modification time of every folder it read. Every later load (each cache task, each Train worker, each evaluation)
 stats those folders (about 2,000 at ImageNet) and reads the index instead of walking the 1.33M files again; adding,
-removing or renaming a file changes its folder's mtime, which rebuilds the index. A numpy array rather than a list
-of Python strings also keeps forked DataLoader workers from copying the index page by page (reference counting
-writes to every object of a list).
+removing or renaming a file changes its folder's mtime, which rebuilds the index. The driver builds it before Ray
+starts; a node whose cache directory is not shared builds its own copy once (without the header check, see
+`_in_ray_worker`). benchmarks/index_scan.py measures the scan, the header check and the cached load. A numpy array
+rather than a list of Python strings also keeps forked DataLoader workers from copying the index page by page
+(reference counting writes to every object of a list).
 
 Bad input is a one-line `DataError` naming the file or folder: a missing root or split, class folders that differ
 between train/ and val/, an empty class folder, and a file whose header PIL cannot identify (empty, HTML saved as
@@ -27,6 +29,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,13 +96,24 @@ def load_index(root: str | Path, *, name: str = "imagefolder", check_headers: bo
         labels[split] = np.asarray(labs, dtype=np.int32)
     for split in SPLITS:
         dir_mtimes[split] = os.stat(root / split).st_mtime_ns
-    if check_headers:
+    if check_headers and not _in_ray_worker():
         check_image_headers(root, [p for split in SPLITS for p in paths[split]], name)
     index = FolderIndex(root, tuple(classes), paths, labels, time.perf_counter() - t0)
     _write_cached(index, dir_mtimes)
     log.info("%s: indexed %d train and %d val images of %d classes under '%s' in %.1fs", name, len(labels["train"]),
              len(labels["val"]), len(classes), root, index.scan_seconds)
     return index
+
+
+def _in_ray_worker() -> bool:
+    """Every oodray CLI loads its dataset on the driver before Ray starts, so the headers were checked there; a Ray
+    task or Train worker that builds its own index (another node, another cache dir) skips that check (minutes at
+    ImageNet, and every task of a node would pay it at once): a bad file still fails, naming it, when decoded."""
+    ray = sys.modules.get("ray")
+    try:
+        return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except AttributeError:
+        return False
 
 
 def _check_classes(root: Path, name: str) -> list[str]:
