@@ -125,8 +125,8 @@ def main() -> None:
     args = p.parse_args()
     py = sys.executable
     sets = [f"data.image_size={args.image_size}", "classifier.arch=small_cnn", "classifier.epochs=1",
-            "translator.arch=tiny", "attack.eps=0.25", "attack.steps=2", "train.batch_size=32",
-            "train.proxy_examples=16", "train.proxy_steps=2", "eval.batch_size=32"]
+            "attack.eps=0.25", "attack.steps=2", "train.batch_size=32", "train.proxy_examples=16",
+            "train.proxy_steps=2", "eval.batch_size=32"]
     flags = [x for s in sets for x in ("--set", s)]
     tmp = Path(tempfile.mkdtemp(prefix="oodray-memory-bench-"))
     sizes = {"N": args.n, "4N": 4 * args.n}
@@ -148,8 +148,9 @@ def main() -> None:
             for label in sizes:
                 data = ["--dataset", "imagefolder", "--data-dir", str(roots[label])]
                 cmds = {
-                    "trainer": [py, "-m", "oodray.train", *data, *flags, "--set", "train.regime=adaptive",
-                                "--workers", "1", "--epochs", "1", "--storage", str(tmp / label / "runs"),
+                    "trainer": [py, "-m", "oodray.train", *data, *flags, "--set", "train.regime=adaptive", "--set",
+                                "translator.arch=tiny", "--workers", "1", "--epochs", "1", "--storage",
+                                str(tmp / label / "runs"),
                                 "--name", f"round{r}"],
                     "cache build": [py, "-c", CACHE_BUILD, f"data.data_dir={roots[label]}", *sets],
                     "eval driver": [py, "-m", "oodray.evaluate", *data, *flags, "--translator", "identity",
