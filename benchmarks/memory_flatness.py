@@ -99,7 +99,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
     done.set()
     th.join()
     if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
+        raise RuntimeError(f"failed ({proc.returncode}): {' '.join(cmd[:4])} ...: {out.strip().splitlines()[-1:]}")
     return peak["tree"] / 2**30, peak["driver"] / 2**30, time.time() - t0
 
 
@@ -159,7 +159,11 @@ def main() -> None:
                 }
                 shutil.rmtree(tmp / label / "cache" / "oblivious", ignore_errors=True)
                 for step in steps:
-                    m = measure(cmds[step], envs[label])
+                    try:
+                        m = measure(cmds[step], envs[label])
+                    except RuntimeError as e:  # e.g. Ray's raylet missing heartbeats on an overloaded machine
+                        print(f"  round {r + 1} {label} {step}: {e}; running it again", flush=True)
+                        m = measure(cmds[step], envs[label])
                     res.setdefault((step, label), []).append(m)
                     print(f"  round {r + 1} {label:2s} {step:11s}: tree PSS {m[0]:.2f} GiB, driver RSS {m[1]:.2f} GiB,"
                           f" {m[2]:.0f} s", flush=True)

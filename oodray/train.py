@@ -262,10 +262,12 @@ def data_error(error: BaseException | None) -> DataError | None:
     """The `DataError` (a file that does not decode) behind a failed fit, if that is what stopped it."""
     failures = list(getattr(error, "worker_failures", {}).values()) + [error]
     for f in failures:
-        while f is not None:
+        for _ in range(8):  # Ray wraps a worker's exception: UserExceptionWithTraceback._base_exc (Train V2 2.60),
+            if f is None:   # RayTaskError.cause, or the exception's __cause__
+                break
             if isinstance(f, DataError):
                 return one_line(f)
-            f = getattr(f, "cause", None) or f.__cause__
+            f = getattr(f, "_base_exc", None) or getattr(f, "cause", None) or f.__cause__
     return None
 
 
@@ -429,11 +431,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"training with {t.workers} worker(s) x {t.cpus_per_worker:g} CPU, {t.gpus_per_worker:g} GPU")
     loop = prepare_run(cfg)
     t0 = time.time()
-    result = fit_translator(cfg, loop, storage=storage, name=name)
-    if result.error:
-        bad_file = data_error(result.error)
+    try:
+        result = fit_translator(cfg, loop, storage=storage, name=name)  # Ray 2.60 raises a failed fit's error
+    except Exception as e:  # noqa: BLE001 - only a bad file is turned into a one-line error; the rest re-raised
+        bad_file = data_error(e)
         if bad_file is not None:
-            raise bad_file  # bad input found mid-run: one line naming the file, exit 2 (checkpoints kept)
+            raise bad_file from None  # bad input found mid-run: one line naming the file, exit 2 (checkpoints kept)
+        raise
+    if result.error:
         raise RunFailed(f"training failed: {result.error}")
     m = result.metrics or {}
     print(f"trained {cfg.translator.arch} on {cfg.data.name} for {m.get('epoch')} epochs in {time.time() - t0:.0f}s: "
