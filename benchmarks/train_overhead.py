@@ -28,7 +28,7 @@ import torch
 from spread import Spread, fit_split, interleaved, load, load_line  # puts the repository on sys.path for what follows
 from torch.utils.data import DataLoader
 
-from oodray.cache import ensure_oblivious_cache
+from oodray.cache import ObliviousCache, ensure_oblivious_cache
 from oodray.classifier import get_classifier
 from oodray.config import resolve_config
 from oodray.data import eval_subset, load_dataset
@@ -98,7 +98,7 @@ def profile_loop(loop_config: dict) -> None:
     raw = t.module if hasattr(t, "module") else t
     opt = torch.optim.Adam(t.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999))
     objective = TranslatorObjective(cfg.loss, classifier)
-    data = PairedImages(splits.train, _resolve(loop_config["oblivious"]))
+    data = PairedImages(splits.train, ObliviousCache(loop_config["oblivious"]))
     loader = DataLoader(data, batch_size=cfg.train.batch_size,
                         sampler=DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0))
     g = torch.Generator().manual_seed(0)

@@ -4,8 +4,11 @@
 - `fashion-mnist`: IDX files from `data.data_dir`, else `/usr/share/datasets/fashion-mnist` (Debian's
   `dataset-fashion-mnist`), else torchvision's download when `data.download` is true.
 - `mnist`, `cifar10`: torchvision datasets read from `data.data_dir` (downloaded only when `data.download`).
-- `imagenet`: ImageFolder layout (`train/`, `val/` with one folder per class) at `data.data_dir`, resized and
-  centre-cropped to `data.image_size`.
+- `imagefolder` (also named `imagenet`): any ImageFolder root at `data.data_dir` (`train/`, `val/` with the same
+  class folders), resized and centre-cropped to `data.image_size`, decoded per item (`oodray.imagefolder`).
+
+The registry declares which datasets are held in memory (`dataset(name, in_memory=True)`: digits, MNIST-likes,
+CIFAR-10, synthetic) and which are streamed from files (ImageFolder); a streamed split is never stacked whole.
 - `synthetic`: tiny class-patterned random images, for tests.
 
 Splits: the official test split where one exists (else a seeded 20% of the data); validation is a seeded
@@ -20,6 +23,7 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +33,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from oodray.errors import DataError
+from oodray.imagefolder import ImageFiles, load_index
 from oodray.registry import Registry
 
 if TYPE_CHECKING:  # annotations only: the config package resolves dataset names through this module
@@ -37,6 +42,7 @@ if TYPE_CHECKING:  # annotations only: the config package resolves dataset names
 log = logging.getLogger(__name__)
 
 DATASETS = Registry("dataset")
+IN_MEMORY: set[str] = set()  # datasets whose splits are tensors in RAM; every other one is streamed from files
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -73,13 +79,41 @@ class TensorImages(Dataset):
         return self.images[i].float() * self.scale, int(self.labels[i])
 
 
+def dataset(name: str, *, in_memory: bool) -> Callable[[Callable[..., Splits]], Callable[..., Splits]]:
+    """Registers a dataset builder, declaring whether its splits live in RAM (small: digits, MNIST-likes, CIFAR) or
+    are streamed from files (ImageFolder), which nothing may materialise whole (`stack` refuses it)."""
+    def deco(fn: Callable[..., Splits]) -> Callable[..., Splits]:
+        DATASETS.register(name)(fn)
+        if in_memory:
+            IN_MEMORY.add(name)
+        return fn
+
+    return deco
+
+
+def is_in_memory(name: str) -> bool:
+    DATASETS.get(name)  # an unknown name is a ConfigError listing the known ones
+    return name in IN_MEMORY
+
+
+def is_streamed(ds: Dataset) -> bool:
+    """Whether a split (or a Subset of one) is read from files item by item."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return bool(getattr(ds, "streaming", False))
+
+
 def load_dataset(cfg: DataConfig) -> Splits:
     """Builds the named dataset's splits; a missing dataset is a one-line `DataError` saying where it looked."""
     return DATASETS.get(cfg.name)(cfg)
 
 
 def stack(ds: Dataset, indices: np.ndarray | list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialises (images, labels) of a dataset (or of the given indices) as tensors."""
+    """Materialises (images, labels) of a dataset (or of the given indices) as tensors. A streamed split is only
+    ever stacked at given indices (a batch, a shard, an evaluation subset), never whole."""
+    if indices is None and is_streamed(ds):
+        raise DataError(f"refusing to load all {len(ds)} images of a streamed split into memory; take a subset "
+                        "(eval_subset) or iterate it with a DataLoader")
     if isinstance(ds, Subset) and isinstance(ds.dataset, TensorImages):
         base = ds.dataset
         idx = np.asarray(ds.indices) if indices is None else np.asarray(ds.indices)[np.asarray(indices)]
@@ -113,7 +147,7 @@ def _split_train_val(train: Dataset, cfg: DataConfig) -> tuple[Subset, Subset]:
 # --- digits: the embedded default ----------------------------------------------------------------------------------
 
 
-@DATASETS.register("digits")
+@dataset("digits", in_memory=True)
 def _digits(cfg: DataConfig) -> Splits:
     from sklearn.datasets import load_digits
 
@@ -223,7 +257,7 @@ def _mnist_like(cfg: DataConfig, info: DatasetInfo, dirs: list[Path], tv_name: s
     return Splits(info, train, val, TensorImages(xte, yte, 1 / 255))
 
 
-@DATASETS.register("fashion-mnist")
+@dataset("fashion-mnist", in_memory=True)
 def _fashion_mnist(cfg: DataConfig) -> Splits:
     info = DatasetInfo("fashion-mnist", 10, 1, (28, 28), (0.2860,), (0.3530,))
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
@@ -233,7 +267,7 @@ def _fashion_mnist(cfg: DataConfig) -> Splits:
     return _mnist_like(cfg, info, dirs, "FashionMNIST")
 
 
-@DATASETS.register("mnist")
+@dataset("mnist", in_memory=True)
 def _mnist(cfg: DataConfig) -> Splits:
     info = DatasetInfo("mnist", 10, 1, (28, 28), (0.1307,), (0.3081,))
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
@@ -244,7 +278,7 @@ def _mnist(cfg: DataConfig) -> Splits:
 # --- CIFAR-10 ------------------------------------------------------------------------------------------------------
 
 
-@DATASETS.register("cifar10")
+@dataset("cifar10", in_memory=True)
 def _cifar10(cfg: DataConfig) -> Splits:
     import torchvision
 
@@ -271,42 +305,31 @@ def _cifar10(cfg: DataConfig) -> Splits:
     return Splits(info, train, val, TensorImages(xte, yte, 1 / 255))
 
 
-# --- ImageNet ------------------------------------------------------------------------------------------------------
+# --- ImageFolder (ImageNet): streamed from disk -------------------------------------------------------------------
 
 
-@DATASETS.register("imagenet")
-def _imagenet(cfg: DataConfig) -> Splits:
-    import torchvision
-    from torchvision import transforms
-
+def _imagefolder(cfg: DataConfig) -> Splits:
+    """Any ImageFolder root with train/ and val/ (same class folders), decoded per item; the index is cached."""
     if not cfg.data_dir:
-        raise DataError("imagenet needs --data-dir pointing at a folder with train/ and val/, one subfolder per class")
-    root = Path(cfg.data_dir)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"imagenet: '{root / split}' is missing; expected ImageFolder layout "
-                            f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG")
+        raise DataError(f"{cfg.name} needs --data-dir pointing at a folder with train/ and val/, one subfolder per "
+                        "class")
+    index = load_index(cfg.data_dir, name=cfg.name)
     size = cfg.image_size
-    tf = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size),
-                             transforms.ToTensor()])
-    try:
-        train_full = torchvision.datasets.ImageFolder(str(root / "train"), transform=tf)
-        test = torchvision.datasets.ImageFolder(str(root / "val"), transform=tf)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"imagenet: cannot read '{root}' as ImageFolder ({str(e).splitlines()[0]})") from None
-    if train_full.classes != test.classes:
-        raise DataError(f"imagenet: train/ has {len(train_full.classes)} classes and val/ has {len(test.classes)}; "
-                        "they must hold the same class folders")
-    info = DatasetInfo("imagenet", len(train_full.classes), 3, (size, size), (0.485, 0.456, 0.406),
-                       (0.229, 0.224, 0.225))
+    train_full, test = (ImageFiles(index.root, index.paths[s], index.labels[s], size) for s in ("train", "val"))
+    mean_std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's, as torchvision's weights expect
+    info = DatasetInfo(cfg.name, len(index.classes), 3, (size, size), *mean_std)
     train, val = _split_train_val(train_full, cfg)
     return Splits(info, train, val, test)
+
+
+for _name in ("imagefolder", "imagenet"):
+    dataset(_name, in_memory=False)(_imagefolder)
 
 
 # --- synthetic: tiny class-patterned data for tests ----------------------------------------------------------------
 
 
-@DATASETS.register("synthetic")
+@dataset("synthetic", in_memory=True)
 def _synthetic(cfg: DataConfig) -> Splits:
     """10 classes, 1x8x8: a fixed random prototype per class plus noise; learnable in a few steps."""
     g = torch.Generator().manual_seed(1234)

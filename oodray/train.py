@@ -39,9 +39,10 @@ from oodray.cache import ObliviousCache, build_oblivious_cache, check_cache_spac
 from oodray.cli import add_config_args, config_from_args, run, setup_logging
 from oodray.compute import Compute, attack_passes, translator_step_passes
 from oodray.config import ExperimentConfig, classifier_key, config_hash, save_config
-from oodray.data import eval_subset, load_dataset, stack
-from oodray.errors import CheckpointError, ConfigError, RunFailed
+from oodray.data import eval_subset, is_streamed, load_dataset, stack
+from oodray.errors import CheckpointError, ConfigError, DataError, RunFailed
 from oodray.fixed_classifier import get_classifier
+from oodray.imagefolder import one_line
 from oodray.io import ensure_writable_dir, fsync_dir, load_checkpoint, safe_child, save_checkpoint
 from oodray.locks import hold as hold_lock
 from oodray.losses import PatchDiscriminator, TranslatorObjective, discriminator_loss
@@ -72,7 +73,9 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 
 class PairedImages(Dataset):
-    """(clean image, cached oblivious OOD image or the clean one, label, index) for each training example."""
+    """(clean image, cached oblivious OOD image, label) for each training example. Without a cache (the adaptive
+    regime crafts its OOD inputs on the fly) the second item is an empty placeholder, not a second copy of the image:
+    a decode process would otherwise ship every image twice."""
 
     def __init__(self, base: Dataset, ood: ObliviousCache | torch.Tensor | None) -> None:
         self.base, self.ood = base, ood
@@ -82,7 +85,10 @@ class PairedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         x, y = self.base[i]
-        return x, (self.ood[i].float() if self.ood is not None else x), y
+        return x, (self.ood[i].float() if self.ood is not None else NO_CACHE), y
+
+
+NO_CACHE = torch.empty(0)
 
 
 def ood_batch(cfg: ExperimentConfig, defended_eval: torch.nn.Module, x: torch.Tensor, x_cached: torch.Tensor,
@@ -181,8 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ood = ObliviousCache(loop_config["oblivious"]) if loop_config.get("oblivious") is not None else None
     data = PairedImages(splits.train, ood)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
-    loader = DataLoader(data, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(data) >= 2 * world *
-                        cfg.train.batch_size)
+    loader = training_loader(cfg, data, sampler, device, streamed=is_streamed(splits.train))
     objective = TranslatorObjective(cfg.loss, classifier, disc)
     use_amp = cfg.train.amp and device.type == "cuda"
     g = torch.Generator(device="cpu")
@@ -208,11 +213,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         n_batches = n_examples = 0
         data_seconds = 0.0
         fetched = time.time()
-        for b, (x, x_cached, y) in enumerate(loader):
+        for b, (x, x_cached, y) in enumerate(one_line_errors(loader)):
             data_seconds += time.time() - fetched
             if cfg.train.max_batches is not None and b >= cfg.train.max_batches:
                 break
-            batch = (x.to(device), x_cached.to(device), y.to(device))
+            x = x.to(device, non_blocking=True)
+            x_cached = x_cached.to(device, non_blocking=True) if x_cached.numel() else x  # no cache: x, as before
+            batch = (x, x_cached, y.to(device, non_blocking=True))
             terms = train_step(cfg, translator, classifier, gate, objective, (opt, opt_d), disc, batch, g, use_amp)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -258,6 +265,51 @@ def epoch_lr(t: Any, epoch: int) -> float:
     if t.lr_schedule == "cosine":
         return t.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs))
     return t.lr
+
+
+def training_loader(cfg: ExperimentConfig, data: Dataset, sampler: DistributedSampler, device: torch.device, *,
+                    streamed: bool) -> DataLoader:
+    """The worker's input stream: this rank's shard (DistributedSampler), decoded by `data.loader_workers` processes
+    that prepare `data.prefetch_factor` batches ahead each, pinned for CUDA. In-memory datasets default to no decode
+    process (indexing a tensor is cheaper than shipping it between processes); streamed ones to the worker's CPUs
+    less the one that trains.
+
+    Why torch DataLoader workers and not Ray Data (benchmarks/input_pipeline.py, README): per decode core, Ray Data's
+    read_images + map_batches + iter_torch_batches delivered 0.51x-0.77x (median) of a plain torchvision DataLoader
+    with the same workers here, and this loader matches it (same decode code); a DataLoader keeps each image paired
+    by index with its cached oblivious attack (`PairedImages`), which Ray Data would have to join across two
+    datasets. Ray Data's strength, CPU-only nodes decoding for GPU nodes, matters once one node's cores cannot keep
+    its GPUs fed: measure that on a GPU node before switching."""
+    d = cfg.data
+    workers = d.loader_workers
+    if workers is None:
+        workers = max(1, int(cfg.train.cpus_per_worker) - 1) if streamed else 0
+    pin = d.pin_memory if d.pin_memory is not None else device.type == "cuda"
+    extra = {"prefetch_factor": d.prefetch_factor, "persistent_workers": d.persistent_workers} if workers else {}
+    return DataLoader(data, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                      drop_last=len(data) >= 2 * sampler.num_replicas * cfg.train.batch_size, **extra)
+
+
+def one_line_errors(loader: DataLoader) -> Any:
+    """Iterates the loader; a file that does not decode stays one line naming it (a decode process would otherwise
+    wrap the worker's traceback into the message)."""
+    try:
+        yield from loader
+    except DataError as e:
+        raise one_line(e) from None
+
+
+def data_error(error: BaseException | None) -> DataError | None:
+    """The `DataError` (a file that does not decode) behind a failed fit, if that is what stopped it."""
+    failures = list(getattr(error, "worker_failures", {}).values()) + [error]
+    for f in failures:
+        for _ in range(8):  # Ray wraps a worker's exception: UserExceptionWithTraceback._base_exc (Train V2 2.60),
+            if f is None:   # RayTaskError.cause, or the exception's __cause__
+                break
+            if isinstance(f, DataError):
+                return one_line(f)
+            f = getattr(f, "_base_exc", None) or getattr(f, "cause", None) or f.__cause__
+    return None
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -428,7 +480,13 @@ def main(argv: list[str] | None = None) -> int:
                  bundles=[{"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}] * t.workers)
     loop = prepare_run(cfg)
     t0 = time.time()
-    result = fit_translator(cfg, loop, storage=storage, name=name)
+    try:
+        result = fit_translator(cfg, loop, storage=storage, name=name)  # Ray 2.60 raises a failed fit's error
+    except Exception as e:  # noqa: BLE001 - only a bad file is turned into a one-line error; the rest re-raised
+        bad_file = data_error(e)
+        if bad_file is not None:
+            raise bad_file from None  # bad input found mid-run: one line naming the file, exit 2 (checkpoints kept)
+        raise
     if result.error:
         raise RunFailed(f"training failed: {result.error}")
     m = result.metrics or {}

@@ -11,11 +11,15 @@ from pathlib import Path
 
 from oodray.config.schema import ClassifierConfig, ExperimentConfig
 
+LOADER_KEYS = ("loader_workers", "prefetch_factor", "pin_memory", "persistent_workers")
+
 
 def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "classifier", "translator", "loss",
                                                                         "attack", "train")) -> str:
     """A short digest of the given sections: the deterministic part of run and experiment names."""
     d = cfg.to_dict()
+    for key in LOADER_KEYS:  # how batches are fed changes no result: a run resumes whatever the loader settings
+        d["data"].pop(key)
     blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -60,4 +60,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"n_examples": 5000, "shards": 16, "surrogate_arch": "resnet18", "surrogate_weights": "IMAGENET1K_V1"},
     },
 }
-
+# A user's own ImageFolder: ImageNet's threat model and translator, but a ResNet-18 trained on it (no pretrained
+# weights assumed: `--set classifier.weights=IMAGENET1K_V1` fine-tunes from torchvision's, with a new head) and the
+# transfer surrogate C's recipe with another seed, so that a preset value never outlives a changed classifier.arch.
+PRESETS["imagefolder"] = {
+    **PRESETS["imagenet"],
+    "classifier": {"arch": "resnet18", "epochs": 10},
+    "eval": {"n_examples": 1000, "shards": 4},
+}

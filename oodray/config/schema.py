@@ -61,12 +61,20 @@ class DataConfig:
     image_size: int = 224  # ImageNet resize/crop resolution
     val_fraction: float = 0.1  # part of the training split held out for validation (seeded)
     seed: int = 0  # split and evaluation-subset seed
+    # The training input's DataLoader (results do not depend on these; run names ignore them):
+    loader_workers: int | None = None  # decode processes per Train worker; None -> 0 in memory, else its CPUs - 1
+    prefetch_factor: int = 2  # batches each decode process prepares ahead
+    pin_memory: bool | None = None  # None -> pinned when the worker trains on CUDA
+    persistent_workers: bool = True  # keep decode processes across epochs (with loader_workers > 0)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in (0, 0.5)")
         _check_positive("data.image_size", self.image_size)
         _check_positive("data.seed", self.seed, allow_zero=True)
+        if self.loader_workers is not None:
+            _check_positive("data.loader_workers", self.loader_workers, allow_zero=True)
+        _check_positive("data.prefetch_factor", self.prefetch_factor)
 
 
 @dataclass(frozen=True)
