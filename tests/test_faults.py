@@ -401,7 +401,7 @@ def test_ctrl_c_in_each_step_stops_promptly_and_resume_equals_an_uninterrupted_r
     command, leaves no process of its own behind, and the resumed experiment's table equals an uninterrupted run's."""
     args = [*SIGNAL_TUNE, "--storage", str(tmp_path / "a"), "--name", "exp"]
     exp = tmp_path / "a" / "exp"
-    steps = [("shards as Ray tasks", signal.SIGINT, "the oblivious-cache build", []),
+    steps = [("Ray tasks of up to", signal.SIGINT, "the oblivious-cache build", []),
              ("a trial result", signal.SIGTERM, "the search", ["--resume"]),
              ("final AutoAttack evaluation of", signal.SIGINT, "the final AutoAttack evaluation", ["--resume"])]
     for k, (when, sig, where, extra) in enumerate(steps):

@@ -267,9 +267,11 @@ def test_summarize_reads_the_merged_rows(tmp_path):
     header = next(line for line in lines if line.startswith("| defence"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols[:7] == ["defence", "translator", "clean C", "clean C(T)", "adaptive (Linf/0.2)",
-                        "oblivious (Linf/0.2)", "transfer (Linf/0.2)"] and cols[7:] == sorted(SHIFTS)
+                        "oblivious (Linf/0.2)", "transfer (Linf/0.2)"]
+    assert cols[7:] == [*sorted(SHIFTS), "compute (passes)", "train s", "eval s"]  # compute beside every row
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
             if re.match(r"\| (trial|und|bit|pgd)", line)]
     assert [r[0] for r in rows] == ["bitdepth", "trial-aaaa0001", "undefended", "pgd-at"]  # files in path order
     pgd = rows[-1]
     assert pgd[4] == "0.370" and pgd[5] == "0.370" and pgd[6] == "0.590"  # oblivious filled from adaptive
+    assert pgd[7 + len(SHIFTS)] == "not recorded"  # a summary without training_compute says so, never 0
