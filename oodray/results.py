@@ -140,8 +140,12 @@ def experiment_leaderboard(exp_dir: str | Path, table: pd.DataFrame) -> pd.DataF
     exp_dir = Path(exp_dir)
     cfg = ExperimentConfig.from_dict(read_json(exp_dir / "oodray_config.json"))
     histories = {trial_name(t["trial_id"]): t["history"] for t in load_trials(exp_dir)}
-    classifier_passes = _classifier_passes(cfg)
     summaries = eval_summaries(exp_dir) if (exp_dir / "eval").is_dir() else {}
+    # C's passes: recorded with it, else as the undefended evaluation derived them (a classifier cached by an older
+    # version), so that trial rows and evaluated rows count the same things.
+    classifier_passes = _classifier_passes(cfg)
+    if classifier_passes is None:
+        classifier_passes = ((summaries.get("undefended") or {}).get("training_compute") or {}).get("classifier_passes")
     rows: list[dict[str, Any]] = []
     for _, r in table[table["trial"] != "undefended"].iterrows():
         knobs = {name: r.get(k) for k, name in WIDE.items() if k in r and pd.notna(r.get(k))}
