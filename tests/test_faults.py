@@ -373,7 +373,7 @@ SIGNAL_TUNE = ["-m", "oodray.tune", "--dataset", "synthetic", "--num-samples", "
                "--set", "eval.threat_models=[oblivious,adaptive]", "--set", "eval.shifts=false",
                "--set", "attack.steps=3000",  # makes the oblivious-cache build last long enough to be interrupted
                "--set", "tune.space={translator.width: [8], translator.blocks: [1], train.regime: [oblivious], "
-                        "attack.attacks: [pgd], attack.eps_mix: [eps]}"]
+                        "attack.attacks: [pgd], attack.eps_mix: [eps], attack.steps: [3000]}"]  # steps is searched
 
 
 def _interrupt(proc: subprocess.Popen, sig: int, timeout: float = 300) -> tuple[int, float, dict[int, str]]:

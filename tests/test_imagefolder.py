@@ -208,7 +208,8 @@ def test_toy_imagenet_end_to_end(toy, tmp_path):
 
     # A one-trial search (its final AutoAttack is the evaluation above, already covered: left out, -1 min).
     proc = run_cli("oodray.tune", *COMMON, *data, "--num-samples", "1", "--epochs", "1", "--final-top-k", "0",
-                   "--set", "tune.space={translator.arch: [resnet], translator.width: [8], translator.blocks: [1]}",
+                   "--set", "tune.space={translator.arch: [resnet], translator.width: [8], translator.blocks: [1], "
+                   "attack.steps: [5]}",
                    "--storage", str(tmp_path / "tune"), "--name", "toy")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     import pandas as pd

@@ -34,7 +34,8 @@ print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in ray.
 """
 TINY = ["--dataset", "synthetic", "--num-samples", "1", "--epochs", "1", "--final-top-k", "1",
         "--set", "eval.n_examples=16", "--set", "train.max_batches=4", "--set", "train.proxy_examples=16",
-        "--set", "train.cpus_per_worker=0.5", "--set", "tune.space={translator.width: [8], translator.blocks: [1]}"]
+        "--set", "train.cpus_per_worker=0.5",
+        "--set", "tune.space={translator.width: [8], translator.blocks: [1], attack.steps: [5]}"]
 
 
 def _free_port() -> int:

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.ray
 
 TINY = ["--dataset", "synthetic", "--num-samples", "2", "--epochs", "1", "--final-top-k", "1",
         "--set", "eval.n_examples=16", "--set", "train.max_batches=4", "--set", "train.proxy_examples=16",
-        "--set", "train.cpus_per_worker=0.5", "--set", "tune.space={translator.width: [8], translator.blocks: [1]}"]
+        "--set", "train.cpus_per_worker=0.5",
+        "--set", "tune.space={translator.width: [8], translator.blocks: [1], attack.steps: [5]}"]
 
 
 def test_conditional_parameters_only_for_their_architecture():
