@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from spread import process_tree  # the benchmarks' shared helpers (puts the repository on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,24 +60,6 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def child_build(n: int, cache_dir: str, seed: int) -> dict[str, float]:
     import ray
     from torch.utils.data import Subset
@@ -94,7 +78,7 @@ def child_build(n: int, cache_dir: str, seed: int) -> dict[str, float]:
     def sample() -> None:
         me = os.getpid()
         while not stop.is_set():
-            pids = _tree(me)
+            pids = process_tree(me)
             sizes = {p: _rss_kb(p) for p in pids}
             peak["tree"] = max(peak["tree"], sum(sizes.values()))
             peak["worker"] = max(peak["worker"], max((v for p, v in sizes.items() if p != me), default=0))

@@ -34,31 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spread import process_tree  # noqa: E402
+
 from oodray.toydata import make_toy_imagefolder  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def _tree(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
 
 
 def _pss(pid: int) -> int:
@@ -89,7 +69,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
 
     def sample() -> None:
         while not done.is_set():
-            peak["tree"] = max(peak["tree"], sum(_pss(p) for p in _tree(proc.pid)))
+            peak["tree"] = max(peak["tree"], sum(_pss(p) for p in process_tree(proc.pid)))
             peak["driver"] = max(peak["driver"], _rss(proc.pid))
             done.wait(0.2)
 

@@ -78,6 +78,26 @@ def load_line(before: float) -> str:
             "(a busy machine skews wall-clock figures; compare runs made at similar load)")
 
 
+def process_tree(root: int) -> list[int]:
+    """Linux: `root` and every process below it, read from /proc (for peak-memory benchmarks that count a command's
+    whole tree: its local Ray, task workers, DataLoader processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"

@@ -47,8 +47,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     # Under load (or while a stopped trial's workers are torn down) 60 s is too short for a worker group to start.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     # Ray Train's controller polls its workers every 2 s by default, so a finished fit waited ~2-4 s to be noticed
-    # (measured: 3.6-5.2 s from the last report to fit()'s return at 2 s, 1.5-1.7 s at 0.5 s; benchmarks/
-    # train_overhead.py splits a fit). Ray propagates this variable from the driver to the controller.
+    # (measured: 3.6-5.2 s from the last report to fit()'s return at 2 s, 1.5-1.7 s at 0.5 s; README "Benchmarks"
+    # has the command). A value already set wins; Ray propagates it from the driver to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if os.environ.get("RAY_ADDRESS"):
         _check_reachable(os.environ["RAY_ADDRESS"])
