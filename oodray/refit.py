@@ -32,6 +32,7 @@ from oodray.io import read_json
 from oodray.locks import hold as hold_lock
 from oodray.models.translator import CHECKPOINT_FILE
 from oodray.progress import Progress
+from oodray.results import recorded_classifier_passes
 from oodray.runtime import init_ray
 from oodray.search_space import trial_name
 from oodray.storage import is_uri, mirror_down
@@ -76,11 +77,11 @@ def baseline_budget(dirs: tuple[str, ...]) -> tuple[float, str]:
     return best[1], best[2]
 
 
-def classifier_passes(cfg: ExperimentConfig) -> float:
-    """The training passes recorded for the experiment's classifier (its metrics.json in the cache)."""
-    path = cfg.resolved_cache_dir() / "classifiers" / classifier_key(cfg) / "metrics.json"
-    passes = read_json(path).get("compute_passes") if path.is_file() else None
+def classifier_passes_or_fail(cfg: ExperimentConfig) -> float:
+    """The training passes recorded for the experiment's classifier; a one-line error when it recorded none."""
+    passes = recorded_classifier_passes(cfg)
     if passes is None:
+        path = cfg.resolved_cache_dir() / "classifiers" / classifier_key(cfg) / "metrics.json"
         raise ConfigError(f"the fixed classifier's training compute is not recorded in '{path}' (trained by an older "
                           "version); retrain it (python -m oodray.classifier --force) to match a baseline's budget")
     return float(passes)
@@ -95,7 +96,7 @@ def refit_budget(base: ExperimentConfig, trial: ExperimentConfig, n_train: int) 
                       f"{t.refit_epochs} epochs (tune.refit_epochs)")
     target, name = baseline_budget(t.refit_match)
     cache = attack_passes(attack_specs(trial)) * n_train if trial.train.regime == "oblivious" else 0.0
-    own = target - classifier_passes(trial) - cache
+    own = target - classifier_passes_or_fail(trial) - cache
     if own <= 0:
         raise ConfigError(f"tune.refit_match: baseline '{name}' spent {target:.3g} passes, no more than the classifier "
                           f"and cache alone ({target - own:.3g}); give tune.refit_epochs instead")

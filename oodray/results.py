@@ -125,7 +125,7 @@ def _compute(history: list[dict[str, Any]], classifier_passes: float | None) -> 
     return (float(sum(per_epoch.values())), "translator training examples") if per_epoch else (None, None)
 
 
-def _classifier_passes(cfg: ExperimentConfig) -> float | None:
+def recorded_classifier_passes(cfg: ExperimentConfig) -> float | None:
     """The training passes recorded for the experiment's fixed classifier (its cached metrics.json), if any."""
     path = cfg.resolved_cache_dir() / "classifiers" / classifier_key(cfg) / "metrics.json"
     try:
@@ -143,7 +143,7 @@ def experiment_leaderboard(exp_dir: str | Path, table: pd.DataFrame) -> pd.DataF
     summaries = eval_summaries(exp_dir) if (exp_dir / "eval").is_dir() else {}
     # C's passes: recorded with it, else as the undefended evaluation derived them (a classifier cached by an older
     # version), so that trial rows and evaluated rows count the same things.
-    classifier_passes = _classifier_passes(cfg)
+    classifier_passes = recorded_classifier_passes(cfg)
     if classifier_passes is None:
         classifier_passes = ((summaries.get("undefended") or {}).get("training_compute") or {}).get("classifier_passes")
     rows: list[dict[str, Any]] = []
