@@ -174,6 +174,84 @@ def test_cli_refuses_bad_folders_before_ray(tmp_path, monkeypatch, capsys, case,
         assert n in err[0]
 
 
+# --- an object-store root (s3:// through a local S3 server, file://) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 API (moto's server on a local port) and a function that uploads a local folder under a key prefix
+    and returns its s3:// URI, with the endpoint as pyarrow's URI options."""
+    import logging
+
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                                 allow_bucket_creation=True, allow_bucket_deletion=True)
+    fs.create_dir("toy-bucket")
+
+    def upload(local, prefix: str) -> str:
+        pyarrow.fs.copy_files(str(local), f"toy-bucket/{prefix}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+        return f"s3://toy-bucket/{prefix}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+
+    yield upload, fs
+    server.stop()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_s3_and_file_uri_roots_give_the_local_roots_files_labels_and_pixels(toy, s3):
+    upload, _ = s3
+    local = load_dataset(_data(toy))
+    for uri in (upload(toy, "toy"), f"file://{toy}"):
+        remote = load_dataset(_data(uri))
+        assert remote.info == local.info
+        for a, b in ((remote.train, local.train), (remote.val, local.val), (remote.test, local.test)):
+            assert list(getattr(a, "indices", range(len(a)))) == list(getattr(b, "indices", range(len(b))))
+        assert remote.test.paths.tolist() == local.test.paths.tolist()
+        assert remote.test.labels.tolist() == local.test.labels.tolist()
+        for i in (0, 17, 49):
+            x, y = remote.test[i]
+            assert y == local.test[i][1] and torch.equal(x, local.test[i][0])
+        # the cached index is used again (no listing of the files), and the dataset pickles without its connection
+        again = load_index(uri)
+        assert again.scan_seconds == 0 and again.root == uri
+        loader = torch.utils.data.DataLoader(remote.test, batch_size=10, num_workers=1)
+        xs = torch.cat([x for x, _ in loader])
+        assert torch.equal(xs[17], local.test[17][0])
+
+
+def test_bad_s3_roots_are_one_line_data_errors_naming_the_object(tmp_path, s3):
+    upload, fs = s3
+    root = make_toy_imagefolder(tmp_path / "d", classes=3, per_class=2, val_per_class=1, size=16)
+    uri = upload(root, "bad")
+    endpoint = uri.split("?", 1)[1]
+    with pytest.raises(DataError, match=r"data root 's3://toy-bucket/nowhere' does not exist"):
+        load_index(f"s3://toy-bucket/nowhere?{endpoint}")
+    with pytest.raises(DataError, match=r"cannot open data root 'nosuch://x/y'"):
+        load_index("nosuch://x/y")
+    fs.create_dir("toy-bucket/bad/val/class_09")
+    with fs.open_output_stream("toy-bucket/bad/val/class_09/00000.JPEG") as f:
+        f.write((root / "val" / "class_00" / "00000.JPEG").read_bytes())
+    with pytest.raises(DataError, match=r"only in val/: class_09 \(1\)"):
+        load_index(uri)
+    fs.delete_dir("toy-bucket/bad/val/class_09")
+    with fs.open_output_stream("toy-bucket/bad/train/class_01/00001.JPEG") as f:
+        f.write(b"<html>403 Forbidden</html>")
+    with pytest.raises(DataError, match=re.escape("cannot read 's3://toy-bucket/bad/train/class_01/00001.JPEG' "
+                                                  "as an image")) as e:
+        load_index(uri)
+    assert "\n" not in str(e.value) and "endpoint_override" not in str(e.value)  # the URI's options stay out
+
+
 # --- a toy ImageNet end to end, as a user runs it ----------------------------------------------------------------
 
 COMMON = ["--dataset", "imagefolder", "--set", f"data.image_size={SIZE}", "--set", "classifier.arch=small_cnn",
