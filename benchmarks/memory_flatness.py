@@ -9,7 +9,9 @@ written to a temporary directory, each with its own OODRAY_CACHE (the index, the
 per dataset outside the measurements, and the oblivious cache). Each round runs, for N then 4N, as a user would:
 - trainer: `python -m oodray.train` (adaptive regime, 1 Train worker, 1 epoch over every training image);
 - cache build: `oodray.cache.build_oblivious_cache` on a fresh local Ray (the shards of the previous round deleted
-  first, so every round builds the whole cache);
+  first, so every round builds the whole cache), with `cache.cpus_per_task` = all CPUs so one task runs at both sizes:
+  otherwise N's single shard runs 1 task and 4N's three shards run 2 at once, and the tree's peak measures that
+  concurrency (set by the cluster's CPUs, not by N), one more worker process, rather than memory per image;
 - evaluation driver: `python -m oodray.evaluate --translator identity` (oblivious + adaptive AutoAttack on a fixed
   32-image subset, and the natural shifts).
 Memory is sampled every 0.2 s over the command's whole process tree (the driver, the local Ray it starts: GCS,
@@ -132,7 +134,8 @@ def main() -> None:
                                 "translator.arch=tiny", "--workers", "1", "--epochs", "1", "--storage",
                                 str(tmp / label / "runs"),
                                 "--name", f"round{r}"],
-                    "cache build": [py, "-c", CACHE_BUILD, f"data.data_dir={roots[label]}", *sets],
+                    "cache build": [py, "-c", CACHE_BUILD, f"data.data_dir={roots[label]}", *sets,
+                                    f"cache.cpus_per_task={os.cpu_count()}"],
                     "eval driver": [py, "-m", "oodray.evaluate", *data, *flags, "--translator", "identity",
                                     "--n-examples", "32", "--threat-models", "oblivious,adaptive",
                                     "--out", str(tmp / label / f"eval{r}")],

@@ -110,11 +110,10 @@ def fit_split(result: Any, t_fit: float, t_done: float) -> dict[str, float]:
     """Where a Ray Train fit's wall time went, from oodray's per-epoch metrics: Ray's start (fit() to the worker
     loop's first line), the worker's set-up, training batches, proxy evaluation, checkpoint writes, time between
     epochs (reports, checkpoint upload) and Ray's shutdown (the last report to fit()'s return)."""
-    df = result.metrics_dataframe
-    wall = t_done - t_fit
-    out = {"wall": wall, "start": float(df["worker_started_at"].iloc[0]) - t_fit,
-           "setup": float(df["setup_seconds"].iloc[0]), "train": float(df["train_seconds"].sum()),
-           "proxy": float(df["proxy_seconds"].sum()), "checkpoints": float(df["checkpoint_write_seconds"].sum()),
-           "end": t_done - float(df["reported_at"].iloc[-1])}
+    last = result.metrics  # the last report: its *_seconds_total cover every epoch (a run keeps only its last
+    wall = t_done - t_fit  # two checkpoints, so result.metrics_dataframe holds only their two rows)
+    out = {"wall": wall, "start": float(last["worker_started_at"]) - t_fit, "setup": float(last["setup_seconds"]),
+           "train": float(last["train_seconds_total"]), "proxy": float(last["proxy_seconds_total"]),
+           "checkpoints": float(last["checkpoint_write_seconds_total"]), "end": t_done - float(last["reported_at"])}
     out["between"] = wall - sum(out[k] for k in ("start", "setup", "train", "proxy", "checkpoints", "end"))
     return out

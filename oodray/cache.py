@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from oodray.attacks import attack_specs, mixed_attack
 from oodray.attacks.common import memory_batch
-from oodray.config import ExperimentConfig
+from oodray.config import ExperimentConfig, data_identity
 from oodray.data import load_dataset, stack
 from oodray.errors import CheckpointError, StorageFullError
 from oodray.io import (
@@ -106,8 +106,7 @@ def cache_dir(cfg: ExperimentConfig, classifier_path: Path) -> Path:
     state = load_checkpoint(classifier_path, what="classifier checkpoint")
     key_src = {
         "classifier_weights": weights_digest(state),
-        "data": {"name": cfg.data.name, "seed": cfg.data.seed, "val_fraction": cfg.data.val_fraction,
-                 "image_size": cfg.data.image_size},
+        "data": data_identity(cfg),  # with an ImageFolder's root: one C (e.g. pretrained weights) on two roots
         "attack": {"norm": a.norm, "eps": a.eps_values(), "attacks": list(a.attacks), "steps": a.steps},
         "seed": cfg.train.seed,
     }

@@ -192,6 +192,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     use_amp = cfg.train.amp and device.type == "cuda"
     g = torch.Generator(device="cpu")
     compute = Compute.from_metrics(replay)  # cumulative over the run, resumes included
+    # Cumulative seconds of rank 0's steps: a run keeps only its last checkpoints (and their metrics), so where a whole
+    # fit's time went is read from the last report (benchmarks/spread.fit_split), not summed over the kept ones.
+    totals = {k: float((replay or {}).get(f"{k}_seconds_total", 0.0)) for k in ("train", "proxy", "checkpoint_write")}
     passes_per_example = translator_step_passes(cfg.train.regime, attack_specs(cfg), tuple(cfg.loss.weights()))
     devices_per_worker = cfg.train.gpus_per_worker or cfg.train.cpus_per_worker
     setup_seconds = time.time() - entered
@@ -240,6 +243,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             t_proxy = time.time()
             metrics.update(proxy_metrics(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val))
             metrics["proxy_seconds"] = time.time() - t_proxy
+            totals["train"] += train_seconds
+            totals["proxy"] += metrics["proxy_seconds"]
+            metrics.update({f"{k}_seconds_total": v for k, v in totals.items()})  # saved in the checkpoint: resumes
             metrics["epoch_seconds"] = time.time() - t0
             compute.add_time(metrics["epoch_seconds"], devices_per_worker * world)
             metrics.update(compute.to_metrics())
@@ -254,6 +260,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "classifier_key": loop_config.get("classifier_key"),
                 }, Path(tmp) / CHECKPOINT_FILE)
                 metrics["checkpoint_write_seconds"] = time.time() - t_ckpt
+                totals["checkpoint_write"] += metrics["checkpoint_write_seconds"]
+                metrics["checkpoint_write_seconds_total"] = totals["checkpoint_write"]
                 metrics["reported_at"] = time.time()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:

@@ -313,3 +313,33 @@ def test_every_attack_setting_and_the_weights_are_in_the_oblivious_cache_key(tmp
     same_weights_new_timings = tmp_path / "c3.pt"
     save_checkpoint({"state_dict": {"w": torch.full((3,), 1.0)}, "train_seconds": 99.0}, same_weights_new_timings)
     assert cache_dir(base, same_weights_new_timings) == cache_dir(base, c1)  # a rebuilt identical C keeps its cache
+
+
+def test_an_imagefolder_root_is_in_the_classifier_and_cache_keys(tmp_path, monkeypatch):
+    """Two ImageFolder roots under one dataset name are two datasets: neither C nor the oblivious cache of one is
+    reused for the other. The same root spelled another way, or a URI with other options, is the same dataset; an
+    in-memory dataset's key does not depend on where its files were read from."""
+    import torch
+
+    from oodray.cache import cache_dir
+    from oodray.config import classifier_key
+    from oodray.io import save_checkpoint
+
+    c1 = tmp_path / "c1.pt"
+    save_checkpoint({"state_dict": {"w": torch.ones(3)}}, c1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def cfg(root: str, name: str = "imagefolder"):
+        return resolve_config(name, overrides=[f"data.data_dir={root}", f"cache_dir={tmp_path}"])
+
+    a, b = cfg(str(tmp_path / "a")), cfg(str(tmp_path / "b"))
+    assert classifier_key(a) != classifier_key(b) and cache_dir(a, c1) != cache_dir(b, c1)
+    monkeypatch.chdir(tmp_path)
+    same = cfg("./a/")
+    assert classifier_key(same) == classifier_key(a) and cache_dir(same, c1) == cache_dir(a, c1)
+    s3 = cfg("s3://bucket/imagenet?region=us-east-1")
+    assert classifier_key(cfg("s3://bucket/imagenet/?endpoint_override=host:9000")) == classifier_key(s3)
+    assert classifier_key(cfg("s3://bucket/imagenet-v2")) != classifier_key(s3) != classifier_key(a)
+    assert classifier_key(cfg(str(tmp_path / "a"), "fashion-mnist")) == classifier_key(cfg(str(tmp_path / "b"),
+                                                                                             "fashion-mnist"))

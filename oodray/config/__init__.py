@@ -10,7 +10,7 @@ dict with `ExperimentConfig.from_dict`, which is how Ray workers get it back on 
 - `resolve`: resolution for a new experiment and for an existing checkpoint, YAML, overrides, `save_config`.
 """
 
-from oodray.config.keys import classifier_key, config_hash
+from oodray.config.keys import classifier_key, config_hash, data_identity
 from oodray.config.presets import PRESETS
 from oodray.config.resolve import (
     config_for_checkpoint,
@@ -48,5 +48,6 @@ __all__ = [
     "TRAIN_ATTACKS",
     "AttackConfig", "ClassifierConfig", "DataConfig", "EvalConfig", "ExperimentConfig", "LossConfig", "TrainConfig",
     "TranslatorConfig", "TuneConfig", "check_eps", "classifier_key", "config_for_checkpoint", "config_hash",
+    "data_identity",
     "flatten", "load_yaml", "parse_override", "resolve_config", "save_config",
 ]

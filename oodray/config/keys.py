@@ -24,13 +24,29 @@ def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "cla
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def data_identity(cfg: ExperimentConfig) -> dict[str, object]:
+    """The data settings that decide which images C and the oblivious cache see: the split and size, and for a
+    streamed dataset (an ImageFolder root: any folder or URI) the root itself. Two roots under one dataset name are two
+    datasets; an in-memory dataset is fixed by its name (keys from before roots counted stay valid)."""
+    from oodray.data import is_in_memory  # oodray.data imports the config package
+
+    d = cfg.data
+    out: dict[str, object] = {"name": d.name, "seed": d.seed, "val_fraction": d.val_fraction,
+                              "image_size": d.image_size}
+    if d.data_dir and not is_in_memory(d.name):
+        out["root"] = (d.data_dir.split("?", 1)[0].rstrip("/") if "://" in d.data_dir  # options, keys: not identity
+                       else str(Path(d.data_dir).expanduser().resolve()))
+    return out
+
+
 def classifier_key(cfg: ExperimentConfig) -> str:
     """The name of the fixed classifier this config trains (and of its cache directory): readable, then a digest of
-    every setting that changes C's weights (data split and size, every classifier.* key, the adversarial threat
-    model, and the content of a weights file), so a cached C is reused only by runs that would train the same one."""
+    every setting that changes C's weights (data split, size and, for a streamed dataset, its root; every
+    classifier.* key, the adversarial threat model, and the content of a weights file), so a cached C is reused only
+    by runs that would train the same one."""
     c, d = cfg.classifier, cfg.data
     adv_eps = c.adv_eps or cfg.attack.eps
-    src = {"data": {"name": d.name, "seed": d.seed, "val_fraction": d.val_fraction, "image_size": d.image_size},
+    src = {"data": data_identity(cfg),
            "classifier": {**_recipe(c), "weights": _file_digest(c.weights)},
            "adversarial": {"norm": cfg.attack.norm, "eps": adv_eps} if c.adversarial != "none" else None}
     digest = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:8]
