@@ -2,7 +2,7 @@
 toy ImageFolder, measured side by side in one run: with streamed input, memory should not grow with the dataset
 (target: 4N/N <= 1.1).
 
-    python benchmarks/memory_flatness.py [--n 300] [--source-size 96] [--image-size 64] [--repeats 3]
+    python benchmarks/memory_flatness.py [--n 300] [--source-size 96] [--image-size 64] [--repeats 3] [--steps ...]
 
 Two toy ImageFolders (oodray.toydata; N and 4N training images, N/4 and N validation images, 10 classes) are
 written to a temporary directory, each with its own OODRAY_CACHE (the index, the fixed classifier C, trained once
@@ -11,7 +11,9 @@ per dataset outside the measurements, and the oblivious cache). Each round runs,
 - cache build: `oodray.cache.build_oblivious_cache` on a fresh local Ray (the shards of the previous round deleted
   first, so every round builds the whole cache), with `cache.cpus_per_task` = all CPUs so one task runs at both sizes:
   otherwise N's single shard runs 1 task and 4N's three shards run 2 at once, and the tree's peak measures that
-  concurrency (set by the cluster's CPUs, not by N), one more worker process, rather than memory per image;
+  concurrency (set by the cluster's CPUs, not by N), one more worker process, rather than memory per image; and
+  with `cache.batch_size=64` at both sizes: by default a task attacks as many images at once as fit memory, up to a
+  512-image shard, so N=300's one partial shard would be attacked in a smaller batch than 4N's full ones;
 - evaluation driver: `python -m oodray.evaluate --translator identity` (oblivious + adaptive AutoAttack on a fixed
   32-image subset, and the natural shifts).
 Memory is sampled every 0.2 s over the command's whole process tree (the driver, the local Ray it starts: GCS,
@@ -104,7 +106,12 @@ def main() -> None:
     p.add_argument("--source-size", type=int, default=96)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", default="trainer,cache build,eval driver",
+                   help="comma-separated subset of: trainer, cache build, eval driver")
     args = p.parse_args()
+    steps = tuple(x.strip() for x in args.steps.split(","))
+    if not set(steps) <= {"trainer", "cache build", "eval driver"}:
+        raise SystemExit(f"error: --steps {args.steps!r}: each must be trainer, cache build or eval driver")
     py = sys.executable
     sets = [f"data.image_size={args.image_size}", "classifier.arch=small_cnn", "classifier.epochs=1",
             "attack.eps=0.25", "attack.steps=2", "train.batch_size=32", "train.proxy_examples=16",
@@ -124,7 +131,6 @@ def main() -> None:
         print(f"toy ImageFolders: N={args.n} and 4N={4 * args.n} training JPEGs of {args.source_size} px at "
               f"data.image_size={args.image_size}; {os.cpu_count()} CPUs")
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        steps = ("trainer", "cache build", "eval driver")
         res: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for r in range(args.repeats):
             for label in sizes:
@@ -135,7 +141,7 @@ def main() -> None:
                                 str(tmp / label / "runs"),
                                 "--name", f"round{r}"],
                     "cache build": [py, "-c", CACHE_BUILD, f"data.data_dir={roots[label]}", *sets,
-                                    f"cache.cpus_per_task={os.cpu_count()}"],
+                                    f"cache.cpus_per_task={os.cpu_count()}", "cache.batch_size=64"],
                     "eval driver": [py, "-m", "oodray.evaluate", *data, *flags, "--translator", "identity",
                                     "--n-examples", "32", "--threat-models", "oblivious,adaptive",
                                     "--out", str(tmp / label / f"eval{r}")],
