@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Robust accuracy vs training compute on Fashion-MNIST (Linf 0.1): the best searched translator configuration, refit
 # from scratch, against PGD-AT and TRADES, at matched training compute, each evaluated with AutoAttack standard on the
-# same 1,000 test images (adaptive, oblivious, transfer, clean, natural shifts). Needs the search of
-# experiments/fashion-mnist.sh (SEARCH below). Every step is skipped when its output exists and resumes when it was
-# interrupted, so the script can be stopped and run again:
+# same 1,000 test images (adaptive, oblivious, transfer, clean, natural shifts). Starts with the search of
+# experiments/fashion-mnist.sh (SEARCH below; run or resumed here when it has no results yet). Every step is skipped
+# when its output exists and resumes when it was interrupted, so the script can be stopped and run again:
 #   bash experiments/fashion-mnist-budget.sh [OUT_DIR]         (default: runs/fashion-mnist-budget)
 #   BUDGETS="2 4 8" SEARCH=runs/fashion-mnist-experiment/search DATASET=fashion-mnist EPS=0.1 N=1000
 # Budget B = PGD-AT's B epochs of PGD-7 (8 passes per example); TRADES (7 inner steps: 9 passes per example) trains for
@@ -19,7 +19,11 @@ N=${N:-1000}
 BUDGETS=${BUDGETS:-"2 4 8"}
 SEARCH=${SEARCH:-runs/fashion-mnist-experiment/search}
 RESULTS=${RESULTS:-experiments/results/$DATASET-budget}
-[ -f "$SEARCH/oodray_config.json" ] || { echo "error: no search at '$SEARCH'; run experiments/$DATASET.sh first" >&2; exit 2; }
+if [ ! -f "$SEARCH/results.csv" ]; then  # the search of experiments/$DATASET.sh, its step 1 (same command: shared)
+  [ -f "experiments/$DATASET.yaml" ] || { echo "error: no search at '$SEARCH' and no experiments/$DATASET.yaml to run one" >&2; exit 2; }
+  resume=(); [ -d "$SEARCH" ] && resume=(--resume)
+  $PY -m oodray.tune --config "experiments/$DATASET.yaml" --storage "$(dirname "$SEARCH")" --name "$(basename "$SEARCH")" "${resume[@]}"
+fi
 EVAL=(--dataset "$DATASET" --n-examples "$N")
 mkdir -p "$OUT"
 date +"%F %T start" >> "$OUT/timings.log"
