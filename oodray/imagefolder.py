@@ -240,27 +240,21 @@ def check_image_headers(root: Path | str, rel_paths: list[bytes], name: str = "i
     dozen microseconds per file (a ranged GET of an object) and runs once per dataset version."""
     files = Files(root)
 
-    def check(rel: bytes) -> str | None:
-        path = files.name(rel)
+    def identify(opened, path) -> str | None:
         try:
-            with files.header(rel) as f, Image.open(f) as im:
+            with opened as f, Image.open(f) as im:
                 if im.width < 1 or im.height < 1:
                     return f"'{path}' has an empty image ({im.width}x{im.height})"
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            if files.uri and isinstance(e, (UnidentifiedImageError, SyntaxError)) and files.longer_than_header(rel):
-                return check_whole(rel)  # a header past the first 64 KiB (large EXIF): read the whole object
             return f"cannot read '{path}' as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         return None
 
-    def check_whole(rel: bytes) -> str | None:
-        try:
-            with Image.open(io.BytesIO(files.read(rel))) as im:
-                if im.width < 1 or im.height < 1:
-                    return f"'{files.name(rel)}' has an empty image ({im.width}x{im.height})"
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            return (f"cannot read '{files.name(rel)}' as an image ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''})")
-        return None
+    def check(rel: bytes) -> str | None:
+        path = files.name(rel)
+        problem = identify(files.header(rel), path)
+        if problem and files.uri and problem.startswith("cannot read") and files.longer_than_header(rel):
+            problem = identify(contextlib.nullcontext(io.BytesIO(files.read(rel))), path)  # a header past 64 KiB
+        return problem
 
     with ThreadPoolExecutor(URI_HEADER_THREADS if files.uri else HEADER_THREADS) as pool:
         for problem in pool.map(check, rel_paths, chunksize=256):
