@@ -1,8 +1,9 @@
 """The search space of `oodray.tune`, as plain data, and how a trial's sampled parameters become a config.
 
 `SPACE` maps config keys to (kind, choices or range); `CONDITIONAL` keys exist only for their architecture;
-`narrowed_space` applies `tune.space` from a YAML; `DefineByRun` is the Optuna define-by-run space; `trial_overrides`
-maps sampled parameters onto config keys; `trial_name` is the one name of a trial's Ray Train run directory.
+`narrowed_space` applies `tune.space` from a YAML; `DefineByRun` is the Optuna define-by-run space and
+`config_space` the same space for BOHB (ConfigSpace, imported there); `trial_overrides` maps sampled parameters onto
+config keys; `trial_name` is the one name of a trial's Ray Train run directory.
 `oodray.tune` (the search) and `oodray.results` (the tables) both import it; it imports only config and errors.
 """
 
@@ -77,9 +78,7 @@ class DefineByRun:
         if kind == "cat":
             return trial.suggest_categorical(key, arg)
         low, high, *log = arg
-        if key in ("translator.depth", "translator.downsamplings"):
-            high = min(high, self.max_depth - (1 if key == "translator.downsamplings" else 0))
-            low = min(low, high)
+        low, high = _depth_cap(key, low, high, self.max_depth)
         if kind == "int":
             return trial.suggest_int(key, int(low), int(high))
         return trial.suggest_float(key, float(low), float(high), log=bool(log))
@@ -92,6 +91,46 @@ class DefineByRun:
                 continue
             self._pick(trial, key, fixed)
         return fixed or None
+
+
+def _depth_cap(key: str, low: Any, high: Any, max_depth: int) -> tuple[Any, Any]:
+    """Downsampling depths fit the image: a U-Net of depth d halves it d times, a ResNet translator one time fewer."""
+    if key in ("translator.depth", "translator.downsamplings"):
+        high = min(high, max_depth - (1 if key == "translator.downsamplings" else 0))
+        low = min(low, high)
+    return low, high
+
+
+def config_space(space: dict[str, tuple[str, Any]], max_depth: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The space as a ConfigSpace for BOHB (`tune.scheduler=bohb`): the same keys, ranges and depth caps as
+    `DefineByRun`, each conditional key active only under its architecture. Returns (space, fixed values); the fixed
+    ones go to the Tuner's `param_space`, since ConfigSpace constants are strings or numbers only."""
+    import ConfigSpace as CS
+
+    kind, arg = space["translator.arch"]
+    archs = [arg] if kind == "fixed" else list(arg)
+    cs, fixed, made = CS.ConfigurationSpace(seed=seed), {}, {}
+    for key, (kind, arg) in space.items():
+        if key in CONDITIONAL and CONDITIONAL[key] not in archs:  # never applies (as DefineByRun never asks)
+            continue
+        if kind == "fixed":
+            fixed[key] = arg
+        elif kind == "cat":
+            made[key] = CS.CategoricalHyperparameter(key, list(arg))
+        else:
+            low, high, *log = arg
+            low, high = _depth_cap(key, low, high, max_depth)
+            if kind == "int":
+                made[key] = (CS.Constant(key, int(low)) if low == high
+                             else CS.UniformIntegerHyperparameter(key, int(low), int(high)))
+            else:
+                made[key] = (CS.Constant(key, float(low)) if low == high
+                             else CS.UniformFloatHyperparameter(key, float(low), float(high), log=bool(log)))
+    cs.add(list(made.values()))
+    if "translator.arch" in made and len(archs) > 1:
+        cs.add([CS.EqualsCondition(made[key], made["translator.arch"], owner)
+                for key, owner in CONDITIONAL.items() if key in made])
+    return cs, fixed
 
 
 def validate_space(base: ExperimentConfig, space: dict[str, tuple[str, Any]]) -> None:
@@ -112,6 +151,7 @@ def trial_overrides(params: dict[str, Any], base: ExperimentConfig) -> dict[str,
     for k, v in params.items():
         if k not in SPACE:
             continue
+        v = v.item() if hasattr(v, "item") else v  # BOHB samples numpy scalars (np.str_, np.int64, np.bool_)
         if k == "attack.attacks":
             v = tuple(str(v).split(","))
         elif k == "attack.eps_mix":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -61,6 +62,7 @@ from oodray.search_space import (
     CONDITIONAL,
     SPACE,
     DefineByRun,
+    config_space,
     narrowed_space,
     trial_name,
     trial_overrides,
@@ -215,7 +217,13 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
             return tuner.fit()
     space = narrowed_space(cfg.tune.space)
     seed = cfg.train.seed
-    if pareto:
+    param_space: dict[str, Any] = {}
+    if cfg.tune.scheduler == "bohb":  # BOHB's own model proposes the configurations (HyperBandForBOHB below)
+        from ray.tune.search.bohb import TuneBOHB
+
+        cs, param_space = config_space(space, max_depth, seed)
+        searcher = TuneBOHB(space=cs, metric="objective", mode="max", seed=seed)
+    elif pareto:
         searcher = OptunaSearch(space=DefineByRun(space, max_depth),
                                 metric=["robust_accuracy", "clean_accuracy"], mode=["max", "max"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=seed, population_size=4))
@@ -226,7 +234,7 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
     concurrency = cfg.tune.max_concurrent or cluster_concurrency(cfg)
     log.info("search: %d trials, %d at a time, objective %s", cfg.tune.num_samples, concurrency, cfg.tune.objective)
     tuner = tune.Tuner(
-        trainable,
+        trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=name, storage_path=storage,
@@ -237,8 +245,9 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
 
 
 def build_scheduler(cfg: ExperimentConfig, state_path: Path) -> Any:
-    """The trial scheduler `tune.scheduler` names: ASHA (resumable), synchronous HyperBand, or none (FIFO)."""
-    from ray.tune.schedulers import HyperBandScheduler
+    """The trial scheduler `tune.scheduler` names: ASHA (resumable), synchronous HyperBand (BOHB's variant, which
+    tells the BOHB searcher each rung's results), or none (FIFO)."""
+    from ray.tune.schedulers import HyperBandForBOHB, HyperBandScheduler
 
     t = cfg.tune
     common = {"metric": "robust_accuracy" if t.objective == "pareto" else "objective", "mode": "max",
@@ -247,7 +256,17 @@ def build_scheduler(cfg: ExperimentConfig, state_path: Path) -> Any:
         return ResumableASHA(str(state_path), grace_period=min(t.grace_period, cfg.train.epochs), **common)
     if t.scheduler == "hyperband":
         return HyperBandScheduler(**common)
+    if t.scheduler == "bohb":
+        return HyperBandForBOHB(**common)
     return None
+
+
+def check_bohb_installed() -> None:
+    """`tune.scheduler=bohb` runs Ray's TuneBOHB, which needs two optional packages: refused before Ray starts."""
+    missing = [m for m in ("ConfigSpace", "hpbandster") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OodrayError(f"tune.scheduler=bohb needs {' and '.join(missing)}, not installed here; install them with "
+                          "pip install 'oodray[bohb]' (or choose tune.scheduler asha, hyperband or fifo)")
 
 
 def top_trials(cfg: ExperimentConfig, exp_dir: Path) -> list[dict[str, Any]]:
@@ -305,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "storage": args.storage, "name": args.name})
     space = narrowed_space(cfg.tune.space)  # bad narrowing, or a value the config refuses, fails before anything starts
     validate_space(cfg, space)
+    if cfg.tune.scheduler == "bohb":
+        check_bohb_installed()
     storage = storage_uri(cfg.storage)
     name = experiment_name(cfg, cfg.tune.objective)
     safe_child(storage, name)  # a name may not climb out of the storage directory ('..', absolute)

@@ -97,7 +97,8 @@ def test_function_local_imports_of_oodray_are_the_listed_deferrals():
                      ("oodray.config.keys", "oodray.data")}  # keys: is the dataset in memory (its root no key)?
 
 
-HEAVY = ("ray", "torch", "torchvision", "sklearn", "matplotlib", "pyarrow", "optuna", "tqdm", "pandas")
+# ConfigSpace: also optional (the bohb extra), imported only when tune.scheduler=bohb
+HEAVY = ("ray", "torch", "torchvision", "sklearn", "matplotlib", "pyarrow", "optuna", "tqdm", "pandas", "ConfigSpace")
 
 
 def test_other_imports_inside_functions_defer_a_heavy_library():

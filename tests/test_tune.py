@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from oodray.errors import ConfigError
+from oodray.errors import ConfigError, OodrayError
 from oodray.search_space import CONDITIONAL, SPACE, DefineByRun, narrowed_space
 
 pytestmark = pytest.mark.ray
@@ -42,6 +42,48 @@ def test_space_narrowing():
     with pytest.raises(ConfigError, match="'translator.heads' is not searched"):
         narrowed_space({"translator.heads": [2]})
     assert set(SPACE) >= set(CONDITIONAL)
+
+
+def test_bohb_space_matches_the_optuna_space():
+    """`tune.scheduler=bohb`: Ray's TuneBOHB proposes from `config_space`; each proposal is a valid config with plain
+    Python values, conditional keys only under their architecture, depths capped by the image, fixed keys apart."""
+    from ray.tune.search.bohb import TuneBOHB
+
+    from oodray.config import ExperimentConfig
+    from oodray.search_space import config_space, trial_overrides
+
+    base = ExperimentConfig.from_dict({"data": {"name": "digits"}})
+    cs, fixed = config_space(narrowed_space({"loss.gan": 0.0}), max_depth=2, seed=0)
+    assert fixed == {"loss.gan": 0.0}
+    searcher = TuneBOHB(space=cs, metric="objective", mode="max", seed=0)
+    seen = set()
+    for i in range(40):
+        params = searcher.suggest(f"t{i}")
+        arch = params["translator.arch"]
+        seen.add(str(arch))
+        for key, owner in CONDITIONAL.items():
+            assert (key in params) == (owner == arch), (key, arch, params)
+        assert params.get("translator.depth", 1) <= 2 and params.get("translator.downsamplings", 0) <= 1
+        overrides = trial_overrides({**fixed, **params}, base)
+        assert all(type(v) in (str, int, float, bool, tuple, type(None)) for v in overrides.values()), overrides
+        cfg = base.replace(**overrides)
+        assert cfg.translator.arch == arch and cfg.loss.gan == 0.0
+    assert seen == {"unet", "resnet"}
+    # One architecture: the other's conditional keys are not searched at all.
+    cs, _ = config_space(narrowed_space({"translator.arch": ["unet"]}), max_depth=3, seed=0)
+    assert "translator.depth" in cs and "translator.blocks" not in cs and not cs.conditions
+
+
+def test_bohb_refusals(monkeypatch, tmp_path):
+    from oodray import tune as tune_mod
+
+    base = ["oodray.tune", "--dataset", "synthetic", "--storage", str(tmp_path), "--set", "tune.scheduler=bohb"]
+    assert_one_line_error(run_cli(*base, "--objective", "pareto"), "tune.scheduler=bohb needs tune.objective=robust")
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "hpbandster" else object())
+    with pytest.raises(OodrayError, match="needs hpbandster, not installed here; install them with pip install"):
+        tune_mod.check_bohb_installed()
 
 
 @pytest.fixture(scope="module")

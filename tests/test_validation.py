@@ -93,7 +93,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "tune.objective": ("fastest", "robust, pareto"),
     "tune.max_concurrent": ("0", "> 0"),
     "tune.final_top_k": ("-1", ">= 0"),
-    "tune.scheduler": ("pbt", "asha, hyperband, fifo"),
+    "tune.scheduler": ("pbt", "asha, hyperband, bohb, fifo"),
     "tune.reduction_factor": ("1", ">= 2"),
     "tune.refit_epochs": ("0", "> 0"),
     "tune.grace_period": ("0", "> 0"),

@@ -25,7 +25,7 @@ THREAT_MODELS = ("oblivious", "adaptive", "transfer")
 REGIMES = ("oblivious", "adaptive")
 AA_VERSIONS = ("standard", "plus", "rand")
 OBJECTIVES = ("robust", "pareto")
-SCHEDULERS = ("asha", "hyperband", "fifo")
+SCHEDULERS = ("asha", "hyperband", "bohb", "fifo")
 TRAIN_ATTACKS = ("pgd", "fgsm", "apgd-ce")
 
 
@@ -284,9 +284,11 @@ class TuneConfig:
     objective: str = "robust"  # robust (TPE on proxy robust acc) | pareto (NSGA-II on robust and clean)
     max_concurrent: int | None = None  # None -> sized from the cluster's resources
     final_top_k: int = 1
-    scheduler: str = "asha"  # asha (stops weak trials early) | hyperband (synchronous brackets) | fifo (full budgets)
+    # asha (stops weak trials early) | hyperband (synchronous brackets) | bohb (HyperBand brackets, BOHB's model picks
+    # the configurations instead of Optuna; needs `pip install 'oodray[bohb]'`) | fifo (full budgets)
+    scheduler: str = "asha"
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: int = 2  # ASHA/HyperBand: 1/reduction_factor of the trials at a rung go on to the next
+    reduction_factor: int = 2  # ASHA/HyperBand/BOHB: 1/reduction_factor of the trials at a rung go on to the next
     min_clean_accuracy_drop: float = 0.05  # robust objective: trials losing more clean accuracy are penalised
     space: dict[str, Any] = field(default_factory=dict)  # narrows/fixes the search space: {"translator.arch": ["unet"]}
     # Refit (oodray.refit): the top final_top_k configurations retrained from scratch before the final AutoAttack, for
@@ -298,6 +300,9 @@ class TuneConfig:
     def __post_init__(self) -> None:
         check_choice("tune.objective", self.objective, OBJECTIVES)
         check_choice("tune.scheduler", self.scheduler, SCHEDULERS)
+        if self.scheduler == "bohb" and self.objective != "robust":
+            raise ConfigError(f"tune.scheduler=bohb needs tune.objective=robust (BOHB's model has one objective), got "
+                              f"tune.objective={self.objective!r}")
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) \
                 or self.reduction_factor < 2:
             raise ConfigError(f"tune.reduction_factor={self.reduction_factor!r} must be an integer >= 2")
