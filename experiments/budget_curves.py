@@ -84,7 +84,11 @@ def main() -> None:
           "PGD-7; TRADES for the epochs nearest the same compute; the translator refit (the search's best config, "
           "from scratch) at PGD-AT's compute of that budget, matched by `python -m oodray.refit --match`. AutoAttack "
           f"on the same fixed {rows[0]['n']} test images for every row. Plot: `{prefix.name}-curves.png`.\n")
-    print(df.drop(columns=["_config"]).to_markdown(index=False, floatfmt=".3f"))
+    shown = df.drop(columns=["_config"]).rename(columns={"sanity": "sanity tells"})
+    whole = {"budget": "{:g}", "compute (passes)": "{:,.0f}", "train s": "{:.0f}", "eval s": "{:.0f}", "n": "{:.0f}"}
+    for col, fmt in whole.items():  # counts and seconds as whole numbers; accuracies keep 3 decimals
+        shown[col] = [fmt.format(v) if pd.notna(v) else "" for v in shown[col]]
+    print(shown.to_markdown(index=False, floatfmt=".3f"))
     print("\nEach row's resolved config differs from the first row's in:\n")
     base = flatten(rows[0]["_config"])
     for r in rows:

@@ -9,7 +9,8 @@
 # Budget B = PGD-AT's B epochs of PGD-7 (8 passes per example); TRADES (7 inner steps: 9 passes per example) trains for
 # the whole epochs nearest that compute; the translator is refit at exactly PGD-AT's compute (`oodray.refit --match`),
 # counting its classifier's training and its oblivious cache too. A budget below what C and the cache alone cost
-# (Fashion-MNIST: C's 8 plain epochs = PGD-AT's 1 epoch) gives the translator no point; that is logged, not an error.
+# (Fashion-MNIST: C's 8 plain epochs = PGD-AT's 1 epoch) gives the translator no point; that refusal (any refusal of
+# the refit, exit 2) is logged with its error line in timings.log, not an error of the script.
 set -euo pipefail
 OUT=${1:-runs/fashion-mnist-budget}
 PY=${PY:-python}
@@ -47,8 +48,10 @@ for B in $BUDGETS; do
       "${TR[@]}" "${EVAL[@]}" --threat-models adaptive,transfer --out "$OUT/trades-b$B" --label "trades-b$B"
   rc=0
   step "translator-b$B refit+eval" $PY -m oodray.refit "$SEARCH" --match "$OUT/pgd-at-b$B" --suffix="-b$B" \
-      --n-examples "$N" || rc=$?
-  if [ "$rc" -eq 2 ]; then echo "$(date +'%F %T') translator-b$B: no point (refused, see its error line)" >> "$OUT/timings.log"
+      --n-examples "$N" 2> >(tee "$OUT/translator-b$B.stderr" >&2) || rc=$?
+  wait $! 2>/dev/null || true  # the tee above has written everything
+  if [ "$rc" -eq 2 ]; then  # refused before training: why (e.g. a budget below C's and the cache's) goes in the log
+    echo "$(date +'%F %T') translator-b$B: refused: $(grep '^error:' "$OUT/translator-b$B.stderr" | tail -1)" >> "$OUT/timings.log"
   elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 done
 date +"%F %T end" >> "$OUT/timings.log"
