@@ -60,22 +60,23 @@ class TranslatorObjective:
         w, C = self.weights, self.classifier
         t_ood = translator(x_ood)
         terms: dict[str, torch.Tensor] = {}
-        p_clean = None
-        if "consistency" in w or "clean_consistency" in w:  # C's clean prediction, the target of both KL terms
+        # One forward of C per input, shared by every term that reads it (the logits and, for the feature term, the
+        # activations of the same pass): C on the clean input (no gradient) and C on T(x_ood).
+        p_clean = f_clean = None
+        if "consistency" in w or "clean_consistency" in w or "feature" in w:
             with torch.no_grad():
-                p_clean = F.softmax(C(x_clean), 1)
+                logits_x, f_clean = self._forward(C, x_clean, "feature" in w)
+                p_clean = F.softmax(logits_x, 1)  # the target of both KL terms
+        logits = f_ood = None
+        if any(k in w for k in ("consistency", "ce", "trades", "feature")):
+            logits, f_ood = self._forward(C, t_ood, "feature" in w)
         if "pixel" in w:
             terms["pixel"] = (F.l1_loss if self.pixel_kind == "l1" else F.mse_loss)(t_ood, x_clean)
-        if "consistency" in w or "ce" in w:
-            logits = C(t_ood)
-            if "consistency" in w:
-                terms["consistency"] = F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="batchmean")
-            if "ce" in w:
-                terms["ce"] = F.cross_entropy(logits, y)
+        if "consistency" in w:
+            terms["consistency"] = F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="batchmean")
+        if "ce" in w:
+            terms["ce"] = F.cross_entropy(logits, y)
         if "feature" in w:
-            with torch.no_grad():
-                f_clean = C.features(x_clean)
-            f_ood = C.features(t_ood)
             terms["feature"] = sum(F.mse_loss(a, b) for a, b in zip(f_ood, f_clean)) / len(f_ood)
         if "identity" in w or "clean_consistency" in w or "trades" in w:
             t_clean = translator(x_clean)
@@ -85,9 +86,13 @@ class TranslatorObjective:
             if "clean_consistency" in w:
                 terms["clean_consistency"] = F.kl_div(F.log_softmax(logits_clean, 1), p_clean, reduction="batchmean")
             if "trades" in w:  # TRADES (Zhang et al. 2019) on C(T(.)): the attacked prediction tied to the clean one
-                terms["trades"] = F.kl_div(F.log_softmax(C(t_ood), 1), F.softmax(logits_clean, 1),
+                terms["trades"] = F.kl_div(F.log_softmax(logits, 1), F.softmax(logits_clean, 1),
                                            reduction="batchmean")
         if "gan" in w:
             terms["gan"] = ((self.discriminator(t_ood) - 1) ** 2).mean()
         total = sum(w[k] * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}, t_ood
+
+    @staticmethod
+    def _forward(C: Classifier, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        return C.logits_and_features(x) if features else (C(x), None)

@@ -73,6 +73,38 @@ def test_each_loss_term_is_finite_and_zero_weight_removes_it(term):
     assert term not in without(t, x, x_ood, y)[1]
 
 
+def test_objective_runs_c_once_per_input_and_keeps_each_terms_value():
+    """Every term that reads C shares one forward per input: C(x) (the KL targets and clean features), C(T(x_ood))
+    (consistency, ce, trades, features) and C(T(x)). Each term's value is the one computed term by term."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    t = build_translator(TranslatorConfig(arch="tiny"), 1)
+    x, x_ood, y = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    objective = _objective({k: 1.0 for k in TERMS if k != "gan"})
+    c = objective.classifier
+    calls = []
+    hook = c.net.register_forward_hook(lambda *_: calls.append(1))
+    total, terms, t_ood = objective(t, x, x_ood, y)
+    hook.remove()
+    assert len(calls) == 3, len(calls)
+    with torch.no_grad():  # the same terms, each with its own forwards of C
+        t_x = t(x)
+        p_x = F.softmax(c(x), 1)
+        expect = {
+            "pixel": F.l1_loss(t_ood, x), "identity": F.l1_loss(t_x, x), "ce": F.cross_entropy(c(t_ood), y),
+            "consistency": F.kl_div(F.log_softmax(c(t_ood), 1), p_x, reduction="batchmean"),
+            "clean_consistency": F.kl_div(F.log_softmax(c(t_x), 1), p_x, reduction="batchmean"),
+            "trades": F.kl_div(F.log_softmax(c(t_ood), 1), F.softmax(c(t_x), 1), reduction="batchmean"),
+            "feature": sum(F.mse_loss(a, b) for a, b in zip(c.features(t_ood), c.features(x)))
+            / len(c.feature_layers)}
+    assert set(terms) == set(expect)
+    for k, v in expect.items():
+        assert terms[k] == pytest.approx(float(v), rel=1e-5, abs=1e-7), k
+    total.backward()
+    assert all(p.grad is not None for p in t.parameters() if p.requires_grad)
+
+
 def test_negative_weights_and_unknown_terms_are_refused():
     with pytest.raises(ConfigError, match="loss.ce"):
         resolve_config("digits", overrides=["loss.ce=-0.1"])

@@ -57,15 +57,19 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Intermediate activations at `feature_layers` (one forward pass with hooks)."""
+        return self.logits_and_features(x)[1]
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits and the activations at `feature_layers` of one forward pass, for a loss that needs both."""
         modules = dict(self.net.named_modules())
         out: list[torch.Tensor] = []
         handles = [modules[n].register_forward_hook(lambda _m, _i, o: out.append(o)) for n in self.feature_layers]
         try:
-            self.net(self.normalize(x))
+            logits = self.net(self.normalize(x))
         finally:
             for h in handles:
                 h.remove()
-        return out
+        return logits, out
 
 
 def freeze(model: nn.Module) -> nn.Module:
