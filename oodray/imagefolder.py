@@ -240,20 +240,22 @@ def check_image_headers(root: Path | str, rel_paths: list[bytes], name: str = "i
     dozen microseconds per file (a ranged GET of an object) and runs once per dataset version."""
     files = Files(root)
 
-    def identify(opened, path) -> str | None:
+    def identify(opened, path) -> tuple[str | None, bool]:
+        """(the problem or None, whether PIL failed to read it: a header cut at 64 KiB can look like that)"""
         try:
             with opened as f, Image.open(f) as im:
                 if im.width < 1 or im.height < 1:
-                    return f"'{path}' has an empty image ({im.width}x{im.height})"
+                    return f"'{path}' has an empty image ({im.width}x{im.height})", False
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            return f"cannot read '{path}' as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        return None
+            return (f"cannot read '{path}' as an image ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''})"), True
+        return None, False
 
     def check(rel: bytes) -> str | None:
         path = files.name(rel)
-        problem = identify(files.header(rel), path)
-        if problem and files.uri and problem.startswith("cannot read") and files.longer_than_header(rel):
-            problem = identify(contextlib.nullcontext(io.BytesIO(files.read(rel))), path)  # a header past 64 KiB
+        problem, unreadable = identify(files.header(rel), path)
+        if unreadable and files.uri and files.longer_than_header(rel):  # a header past 64 KiB: read the whole object
+            problem, _ = identify(contextlib.nullcontext(io.BytesIO(files.read(rel))), path)
         return problem
 
     with ThreadPoolExecutor(URI_HEADER_THREADS if files.uri else HEADER_THREADS) as pool:
