@@ -53,8 +53,8 @@ def models(cfg: Any, info: DatasetInfo, device: torch.device) -> tuple[torch.nn.
     torch.manual_seed(0)
     classifier = freeze(build_classifier("resnet50", info)).to(device)
     translator = build_translator(cfg.translator, 3, info.image_size).to(device)
-    if cfg.train.amp:
-        classifier, translator = fast_layout(classifier, device), fast_layout(translator, device)
+    classifier, translator = (fast_layout(classifier, cfg.train.channels_last),
+                              fast_layout(translator, cfg.train.channels_last))
     return classifier, translator
 
 

@@ -62,6 +62,7 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | N
                           "fine-tune it with classifier.epochs > 0 (e.g. --epochs 5)")
     if c.epochs == 0:
         return freeze(model)
+    model = fast_layout(model, cfg.train.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
     g = torch.Generator().manual_seed(c.seed)
@@ -86,7 +87,8 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | N
         model.eval()
         log.info("classifier epoch %d/%d loss %.4f val acc %.4f (%.1fs)", epoch + 1, c.epochs, total / n,
                  accuracy(model, splits.val), time.time() - t0)
-    return freeze(model)
+    # back to NCHW: the C returned here is the C every later load of the cache file gives (same layout, same rounding)
+    return freeze(model.to(memory_format=torch.contiguous_format))
 
 
 def _adversarial_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float, norm: str,
@@ -204,8 +206,9 @@ def _accuracy_on(model: torch.nn.Module, data: Any, device: torch.device, batch_
 
 def classifier_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: C (seeded identically on every rank, so the new head agrees) wrapped in DDP,
-    a DistributedSampler over the training split, bf16 autocast and channels_last on CUDA (train.amp), a checkpoint
-    per epoch (weights, optimizer, scheduler, epoch) that a restarted worker group resumes from."""
+    a DistributedSampler over the training split, bf16 autocast on CUDA (train.amp), channels_last
+    (train.channels_last), a checkpoint per epoch (weights, optimizer, scheduler, epoch) that a restarted worker group
+    resumes from."""
     import ray.train
     import ray.train.torch
 
@@ -232,7 +235,7 @@ def classifier_loop_per_worker(loop_config: dict[str, Any]) -> None:
     compute = Compute.from_metrics(state.get("metrics") if ckpt else None)  # cumulative, resumes included
     passes = classifier_step_passes(c.adversarial, c.adv_steps)
     use_amp = cfg.train.amp and device.type == "cuda"
-    raw = fast_layout(model, device) if use_amp else model
+    raw = fast_layout(model, cfg.train.channels_last)
     ddp = ray.train.torch.prepare_model(raw)  # to the device; DDP when world > 1
     raw = ddp.module if hasattr(ddp, "module") else ddp
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=c.seed)

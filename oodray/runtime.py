@@ -77,12 +77,13 @@ def task_device(gpus: float, cpus: float) -> Any:
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
-def fast_layout(model: Any, device: Any) -> Any:
-    """channels_last memory format on CUDA, where convolutions under bf16 autocast run faster in it; CPU keeps NCHW
-    (a no-op there, so CPU results are unchanged)."""
+def fast_layout(model: Any, enabled: bool) -> Any:
+    """The model in channels_last memory format when `enabled` (`train.channels_last`, the default), on every device:
+    oneDNN on CPU and cuDNN on CUDA run convolutions and max-pooling faster in it (a Fashion-MNIST translator step
+    ~1.4x, PGD on its CNN ~1.3x on CPU: benchmarks/layout.py). Only float rounding changes, not what is computed."""
     import torch
 
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if enabled else model
 
 
 def amp_autocast(device: Any, enabled: bool) -> Any:

@@ -73,6 +73,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "train.proxy_steps": ("0", "> 0"),
     "train.max_failures": ("-1", ">= 0"),
     "train.amp": ("often", "true or false"),
+    "train.channels_last": ("sometimes", "true or false"),
     "train.max_batches": ("-1", "> 0"),
     "cache.batch_size": ("0", "> 0"),
     "cache.shards_per_task": ("0", "> 0"),
