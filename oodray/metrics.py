@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from oodray.attacks import pgd
-from oodray.attacks.common import memory_batch
+from oodray.attacks.common import _random_start, memory_batch
 from oodray.config import ExperimentConfig
 
 
@@ -29,27 +29,65 @@ def accuracy(model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, torch.T
 
 def proxy_metrics(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
                   batch_size: int | None = None) -> dict[str, float]:
-    """Clean accuracy of C(T(x)) and PGD robust accuracy end to end through T (and gate) and C.
+    """Clean accuracy of C(T(x)) and PGD robust accuracy end to end through T (and gate) and C, in one process:
+    `proxy_counts` over the whole set, then `proxy_from_counts`."""
+    return proxy_from_counts(cfg, proxy_counts(cfg, defended, x_val, y_val, batch_size), is_gated(defended))
+
+
+PROXY_COUNTS = ("examples", "clean", "robust", "classifier_clean", "flagged_clean", "flagged_attacked")
+
+
+def is_gated(defended: torch.nn.Module) -> bool:
+    return getattr(defended, "gate", None) is not None
+
+
+@torch.no_grad()
+def _correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    return int((model(x).argmax(1) == y).sum().item())
+
+
+def proxy_counts(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
+                 batch_size: int | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's share of the proxy evaluation: float64 counts in the order of `PROXY_COUNTS` (flag counts 0
+    without a gate). Summed over the ranks (an all-reduce) they are the one-process counts.
 
     PGD runs on `batch_size` images at a time (default: `proxy_batch_size`), drawing its random starts from one
-    generator in order, so that for Linf the result is the one of a single batch (L2 draws direction and radius per
-    batch: the same distribution, other draws)."""
+    generator in batch order, so that for Linf the result is the one of a single batch (L2 draws direction and radius
+    per batch: the same distribution, other draws). With `world` ranks, batch i of n goes to rank i * world // n; a
+    rank draws (and drops) the random starts of the batches before its own, so it attacks its batches from the very
+    starts one process would: every split of the work gives the same counts."""
     batch_size = batch_size or proxy_batch_size(cfg, tuple(x_val.shape[1:]))
     g = torch.Generator(device=x_val.device).manual_seed(cfg.train.seed)
-    x_adv = torch.cat([pgd(defended, x_val[i:i + batch_size], y_val[i:i + batch_size], eps=cfg.attack.eps,
-                           norm=cfg.attack.norm, steps=cfg.train.proxy_steps, generator=g)
-                       for i in range(0, len(x_val), batch_size)])
-    out = {"clean_accuracy": accuracy(defended, (x_val, y_val), batch_size),
-           "robust_accuracy": accuracy(defended, (x_adv, y_val), batch_size),
-           "classifier_clean_accuracy": accuracy(defended.classifier, (x_val, y_val), batch_size)}
-    out["objective"] = search_objective(cfg, out)
-    rate = getattr(defended, "flag_rate", lambda _x: None)
-    if rate(x_val[:1]) is not None:
-        def chunked_rate(x: torch.Tensor) -> float:  # counts per batch (a rate is k/len exactly), then the share
-            return sum(round(rate(x[i:i + batch_size]) * len(x[i:i + batch_size]))
-                       for i in range(0, len(x), batch_size)) / len(x)
+    starts = range(0, len(x_val), batch_size)
+    counts = torch.zeros(len(PROXY_COUNTS), dtype=torch.float64)
+    for i, s in enumerate(starts):
+        owner = i * world // len(starts)
+        if owner > rank:
+            break
+        xb, yb = x_val[s:s + batch_size], y_val[s:s + batch_size]
+        if owner < rank:
+            _random_start(xb, cfg.attack.eps, cfg.attack.norm, g)  # the draws of a batch an earlier rank attacks
+            continue
+        x_adv = pgd(defended, xb, yb, eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.train.proxy_steps,
+                    generator=g)
+        n = len(yb)
+        flags = [0, 0]
+        if is_gated(defended):  # a rate is k / n exactly: back to the count
+            flags = [round(defended.flag_rate(xb) * n), round(defended.flag_rate(x_adv) * n)]
+        counts += torch.tensor([n, _correct(defended, xb, yb), _correct(defended, x_adv, yb),
+                                _correct(defended.classifier, xb, yb), *flags], dtype=torch.float64)
+    return counts
 
-        out["gate_flag_rate_clean"], out["gate_flag_rate_attacked"] = chunked_rate(x_val), chunked_rate(x_adv)
+
+def proxy_from_counts(cfg: ExperimentConfig, counts: torch.Tensor, gated: bool) -> dict[str, float]:
+    """The proxy metrics from the counts of all ranks (see `proxy_counts`), with the search objective."""
+    c = dict(zip(PROXY_COUNTS, counts.tolist(), strict=True))
+    n = max(1.0, c["examples"])
+    out = {"clean_accuracy": c["clean"] / n, "robust_accuracy": c["robust"] / n,
+           "classifier_clean_accuracy": c["classifier_clean"] / n}
+    out["objective"] = search_objective(cfg, out)
+    if gated:
+        out["gate_flag_rate_clean"], out["gate_flag_rate_attacked"] = c["flagged_clean"] / n, c["flagged_attacked"] / n
     return out
 
 

@@ -46,7 +46,7 @@ from oodray.imagefolder import one_line
 from oodray.io import ensure_writable_dir, fsync_dir, load_checkpoint, safe_child, save_checkpoint
 from oodray.locks import hold as hold_lock
 from oodray.losses import PatchDiscriminator, TranslatorObjective, discriminator_loss
-from oodray.metrics import proxy_metrics
+from oodray.metrics import proxy_counts, proxy_from_counts, proxy_metrics
 from oodray.models.classifier import classifier_from_state
 from oodray.models.defended import DefendedModel, MahalanobisGate, gate_from_state, gate_state, load_defended
 from oodray.models.translator import (
@@ -239,11 +239,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        train_examples=n_examples * world, world_size=world, worker_started_at=entered,
                        resumed_from_epoch=start_epoch, node_id=ray.get_runtime_context().get_node_id(),
                        cache_passes=loop_config.get("cache_passes", 0.0))
+        # The proxy evaluation, split over the ranks (each attacks its batches of the fixed set, the counts summed):
+        # every rank gets the one-process figures, in 1/world of the time.
+        raw_t.eval()
+        t_proxy = time.time()
+        counts = proxy_counts(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val, rank=rank, world=world)
+        if world > 1:
+            counts = counts.to(device)
+            torch.distributed.all_reduce(counts)
+        metrics.update(proxy_from_counts(cfg, counts.cpu(), gate is not None))
+        metrics["proxy_seconds"] = time.time() - t_proxy
         if rank == 0:
-            raw_t.eval()
-            t_proxy = time.time()
-            metrics.update(proxy_metrics(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val))
-            metrics["proxy_seconds"] = time.time() - t_proxy
             totals["train"] += train_seconds
             totals["proxy"] += metrics["proxy_seconds"]
             metrics.update({f"{k}_seconds_total": v for k, v in totals.items()})  # saved in the checkpoint: resumes

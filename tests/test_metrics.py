@@ -9,7 +9,7 @@ from oodray.attacks import pgd
 from oodray.classifier import get_classifier
 from oodray.config import resolve_config
 from oodray.data import eval_subset, load_dataset, stack
-from oodray.metrics import proxy_batch_size, proxy_metrics
+from oodray.metrics import proxy_batch_size, proxy_counts, proxy_from_counts, proxy_metrics
 from oodray.models.defended import DefendedModel, MahalanobisGate
 from oodray.models.translator import build_translator
 
@@ -45,6 +45,28 @@ def test_proxy_metrics_in_batches_equal_one_batch(gate):
         assert chunked[k] == pytest.approx(whole[k], abs=1e-9), k
     assert whole["robust_accuracy"] < whole["clean_accuracy"]  # the attack did something to compare
     assert ("gate_flag_rate_attacked" in whole) == gate
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_proxy_split_over_ranks_gives_the_one_process_counts(gate):
+    cfg = resolve_config("synthetic", overrides=["attack.eps=0.15"])
+    classifier, _ = get_classifier(cfg)
+    splits = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    translator = build_translator(cfg.translator, splits.info.channels, splits.info.image_size).eval()
+    g = None
+    if gate:
+        x_tr, y_tr = stack(splits.train)
+        g = MahalanobisGate.fit(classifier, x_tr, stack(splits.val)[0], 90.0, y_train=y_tr)
+    defended = DefendedModel(classifier, translator, g)
+    x, y = eval_subset(splits.val, 64, cfg.data.seed)
+    alone = proxy_counts(cfg, defended, x, y, batch_size=9)  # 8 batches, the last of 1 image
+    assert alone[0] == 64 and alone[2] < alone[1]  # every image counted; the attack did something
+    for world in (2, 3, 8, 11):  # 11 ranks for 8 batches: some ranks have none
+        parts = [proxy_counts(cfg, defended, x, y, batch_size=9, rank=r, world=world) for r in range(world)]
+        assert torch.equal(sum(parts), alone), world
+        assert sum(bool(p[0]) for p in parts) == min(world, 8)  # the batches are spread, not all on one rank
+    assert proxy_from_counts(cfg, alone, gate) == proxy_metrics(cfg, defended, x, y, batch_size=9)
 
 
 def test_proxy_batch_is_bounded_by_memory_and_eval_batch_size():

@@ -9,7 +9,11 @@ from oodray.cache import ObliviousCache, build_oblivious_cache, cache_dir
 from oodray.classifier import get_classifier
 from oodray.compute import attack_passes, translator_step_passes
 from oodray.config import resolve_config
-from oodray.models.translator import load_translator_checkpoint
+from oodray.data import eval_subset, load_dataset
+from oodray.metrics import proxy_metrics
+from oodray.models.defended import DefendedModel
+from oodray.models.translator import build_translator, load_translator_checkpoint
+from oodray.runtime import fast_layout
 from oodray.train import fit_translator, prepare_run
 
 pytestmark = pytest.mark.ray
@@ -23,13 +27,26 @@ def _cfg(**over):
 
 
 def test_two_worker_training_checkpoints_and_resumes(ray_local, tmp_path):
-    cfg = _cfg()
+    cfg = _cfg(**{"eval.batch_size": 8})  # the proxy's 16 images in 2 batches: one per rank
     result = fit_translator(cfg, prepare_run(cfg), storage=str(tmp_path), name="run")
     assert result.error is None
     assert result.metrics["epoch"] == 1 and result.metrics["world_size"] == 2
     for k in ("clean_accuracy", "robust_accuracy", "loss_total", "loss_pixel", "objective"):
         assert k in result.metrics
     state = load_translator_checkpoint(result.checkpoint.path)
+    # The proxy split over the 2 ranks gives the figures one process gets from the same translator.
+    splits = load_dataset(cfg.data)
+    translator = build_translator(cfg.translator, splits.info.channels, splits.info.image_size)
+    translator.load_state_dict(state["translator"])
+    classifier, _ = get_classifier(cfg, splits)
+    defended = DefendedModel(fast_layout(classifier, True), fast_layout(translator, True).eval(), None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (rounding is the same, so are the 16 PGD results)
+    try:
+        alone = proxy_metrics(cfg, defended, *eval_subset(splits.val, 16, cfg.data.seed))
+    finally:
+        torch.set_num_threads(threads)
+    assert {k: result.metrics[k] for k in alone} == alone
     assert state["epoch"] == 1 and state["config"]["train"]["workers"] == 2 and "optimizer" in state
     first = state["translator"]
 
