@@ -34,7 +34,7 @@ from oodray.config import resolve_config
 from oodray.data import eval_subset, load_dataset
 from oodray.losses import TranslatorObjective
 from oodray.models.translator import build_translator
-from oodray.runtime import init_ray
+from oodray.runtime import fast_layout, init_ray
 from oodray.train import PairedImages, fit_translator, prepare_run, train_step
 
 
@@ -46,6 +46,8 @@ def plain(cfg) -> float:
     classifier, cpath = get_classifier(cfg, splits)
     torch.manual_seed(cfg.train.seed)
     t = build_translator(cfg.translator, splits.info.channels, splits.info.image_size)
+    # the memory layout the Train worker uses (train.channels_last), so both sides run the same kernels
+    classifier, t = fast_layout(classifier, cfg.train.channels_last), fast_layout(t, cfg.train.channels_last)
     opt = torch.optim.Adam(t.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999))
     objective = TranslatorObjective(cfg.loss, classifier)
     loader = DataLoader(PairedImages(splits.train, ensure_oblivious_cache(cfg, cpath)), batch_size=cfg.train.batch_size,
@@ -82,7 +84,7 @@ def profile_loop(loop_config: dict) -> None:
     from torch.utils.data.distributed import DistributedSampler
 
     from oodray.config import ExperimentConfig
-    from oodray.metrics import proxy_metrics
+    from oodray.metrics import proxy_counts
     from oodray.models.classifier import classifier_from_state
     from oodray.models.defended import DefendedModel
     from oodray.train import _resolve
@@ -92,9 +94,10 @@ def profile_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     splits = load_dataset(cfg.data)
-    classifier = classifier_from_state(_resolve(loop_config["classifier"]))
+    classifier = fast_layout(classifier_from_state(_resolve(loop_config["classifier"])), cfg.train.channels_last)
     torch.manual_seed(0)
-    t = ray.train.torch.prepare_model(build_translator(cfg.translator, splits.info.channels, splits.info.image_size))
+    t = ray.train.torch.prepare_model(fast_layout(
+        build_translator(cfg.translator, splits.info.channels, splits.info.image_size), cfg.train.channels_last))
     raw = t.module if hasattr(t, "module") else t
     opt = torch.optim.Adam(t.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999))
     objective = TranslatorObjective(cfg.loss, classifier)
@@ -122,11 +125,13 @@ def profile_loop(loop_config: dict) -> None:
         n += 1
         fetched = time.perf_counter()
     out = {k: 1000 * v / max(1, n) for k, v in parts.items()}
+    x_val, y_val = eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)), cfg.data.seed)
+    t0 = time.perf_counter()  # the proxy as the training loop runs it: split over the ranks, counts all-reduced
+    counts = proxy_counts(cfg, DefendedModel(classifier, raw.eval(), None), x_val, y_val, rank=rank, world=world)
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    out["proxy_eval_per_epoch_s"] = time.perf_counter() - t0
     if rank == 0:
-        x_val, y_val = eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)), cfg.data.seed)
-        t0 = time.perf_counter()
-        proxy_metrics(cfg, DefendedModel(classifier, raw, None), x_val, y_val)
-        out["proxy_eval_per_epoch_s"] = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as d:  # Train V2 keeps the metrics of reports that carry a checkpoint
             ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
