@@ -25,8 +25,8 @@ def test_pgd_in_batches_draws_the_random_starts_of_one_batch():
     assert not torch.allclose(whole, x, atol=1e-3)
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_proxy_metrics_in_batches_equal_one_batch(gate):
+def _proxy_case(gate: bool):
+    """Synthetic data's C behind an untrained tiny translator (gated or not) and 64 validation images."""
     cfg = resolve_config("synthetic", overrides=["attack.eps=0.15"])
     classifier, _ = get_classifier(cfg)
     splits = load_dataset(cfg.data)
@@ -36,8 +36,12 @@ def test_proxy_metrics_in_batches_equal_one_batch(gate):
     if gate:
         x_tr, y_tr = stack(splits.train)
         g = MahalanobisGate.fit(classifier, x_tr, stack(splits.val)[0], 90.0, y_train=y_tr)
-    defended = DefendedModel(classifier, translator, g)
-    x, y = eval_subset(splits.val, 64, cfg.data.seed)
+    return (cfg, DefendedModel(classifier, translator, g), *eval_subset(splits.val, 64, cfg.data.seed))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_proxy_metrics_in_batches_equal_one_batch(gate):
+    cfg, defended, x, y = _proxy_case(gate)
     whole = proxy_metrics(cfg, defended, x, y, batch_size=64)
     chunked = proxy_metrics(cfg, defended, x, y, batch_size=9)
     assert whole.keys() == chunked.keys()
@@ -49,17 +53,7 @@ def test_proxy_metrics_in_batches_equal_one_batch(gate):
 
 @pytest.mark.parametrize("gate", [False, True])
 def test_proxy_split_over_ranks_gives_the_one_process_counts(gate):
-    cfg = resolve_config("synthetic", overrides=["attack.eps=0.15"])
-    classifier, _ = get_classifier(cfg)
-    splits = load_dataset(cfg.data)
-    torch.manual_seed(0)
-    translator = build_translator(cfg.translator, splits.info.channels, splits.info.image_size).eval()
-    g = None
-    if gate:
-        x_tr, y_tr = stack(splits.train)
-        g = MahalanobisGate.fit(classifier, x_tr, stack(splits.val)[0], 90.0, y_train=y_tr)
-    defended = DefendedModel(classifier, translator, g)
-    x, y = eval_subset(splits.val, 64, cfg.data.seed)
+    cfg, defended, x, y = _proxy_case(gate)
     alone = proxy_counts(cfg, defended, x, y, batch_size=9)  # 8 batches, the last of 1 image
     assert alone[0] == 64 and alone[2] < alone[1]  # every image counted; the attack did something
     for world in (2, 3, 8, 11):  # 11 ranks for 8 batches: some ranks have none
