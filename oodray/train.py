@@ -149,10 +149,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     splits = load_dataset(cfg.data)
     classifier = classifier_from_state(_resolve(loop_config["classifier"])).to(device)  # frozen, never DDP-wrapped
     translator = build_translator(cfg.translator, splits.info.channels, splits.info.image_size)
-    classifier, translator = fast_layout(classifier, cfg.train.channels_last), fast_layout(translator,
-                                                                                            cfg.train.channels_last)
-    disc = PatchDiscriminator(splits.info.channels, splits.info.image_size) if cfg.loss.gan > 0 else None
-    disc = fast_layout(disc, cfg.train.channels_last) if disc is not None else None
+    layout = cfg.train.channels_last  # channels_last memory format (CPU and CUDA): faster convolutions
+    classifier, translator = fast_layout(classifier, layout), fast_layout(translator, layout)
+    disc = (fast_layout(PatchDiscriminator(splits.info.channels, splits.info.image_size), layout)
+            if cfg.loss.gan > 0 else None)
     opt = torch.optim.Adam(translator.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999)) if disc else None
     gate = None
