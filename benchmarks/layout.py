@@ -6,10 +6,11 @@ gets):
   evaluation's kind of work).
 
     python benchmarks/layout.py [--dataset fashion-mnist] [--repeats 5] [--batch 128] [--steps 4] [--threads 1]
+    python benchmarks/layout.py --dataset imagenet --size 224 --batch 4 --steps 1 --repeats 3   # no data needed
 
 Models are the dataset preset's C and translator with fixed random weights (speed does not depend on the weights);
-inputs are random images of the dataset's shape. It also prints the largest difference between the two layouts'
-results, to show that only rounding differs.
+inputs are random images of the dataset's shape (for imagenet: 3 x SIZE x SIZE, ResNet-50 as C, no data read). It
+also prints the share of pixels where the two layouts' PGD results differ, to show that only rounding differs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from spread import Spread, interleaved, load, load_line  # puts the repository o
 
 from oodray.attacks import pgd
 from oodray.config import resolve_config
-from oodray.data import load_dataset
+from oodray.data import DatasetInfo, load_dataset
 from oodray.losses import TranslatorObjective
 from oodray.models.classifier import build_classifier, freeze
 from oodray.models.defended import DefendedModel
@@ -40,12 +41,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="train steps (or PGD runs) per timed repeat")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--size", type=int, default=224, help="image size of --dataset imagenet")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     before = load()
     torch.set_num_threads(args.threads)
     cfg = resolve_config(args.dataset, overrides=["train.regime=oblivious", *args.overrides])
-    info = load_dataset(cfg.data).info
+    if args.dataset == "imagenet":  # the preset's models on random images: no ImageNet needed to time them
+        info = DatasetInfo("imagenet", 1000, 3, (args.size, args.size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    else:
+        info = load_dataset(cfg.data).info
     torch.manual_seed(0)
     c0 = freeze(build_classifier(cfg.classifier.arch, info)).eval()
     t0 = build_translator(cfg.translator, info.channels, info.image_size)
