@@ -211,7 +211,8 @@ class TrainConfig:
     max_failures: int = 2  # Ray Train FailureConfig retries
     amp: bool = True  # bf16 autocast, used only on GPU (a no-op on CPU)
     # channels_last memory format for every conv net trained or attacked (translator and classifier training, the
-    # oblivious cache, evaluation tasks), CPU and GPU: faster, and only float rounding differs (not in run names)
+    # oblivious cache, evaluation tasks), CPU and GPU; only float rounding differs (not in run names). Faster on GPU
+    # and for small CNNs on CPU; ~10% slower for the imagenet preset's ResNets on CPU (benchmarks/layout.py)
     channels_last: bool = True
     max_batches: int | None = None  # cap on batches per epoch (tests, quick searches)
 
