@@ -75,24 +75,23 @@ def main() -> None:
             return (time.perf_counter() - s) / args.steps
         return run
 
-    def pgd_side(layout: bool, end_to_end: bool) -> Callable[[], float]:
+    def attack(layout: bool, end_to_end: bool) -> Callable[[], torch.Tensor]:  # the same attack from the same start
         c, t = models(layout)
         model = DefendedModel(c, t.eval(), None) if end_to_end else c
+        return lambda: pgd(model, x, y, eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.attack.steps,
+                           generator=torch.Generator().manual_seed(2))
+
+    def pgd_side(layout: bool, end_to_end: bool) -> Callable[[], float]:
+        run_attack = attack(layout, end_to_end)
 
         def run() -> float:
             s = time.perf_counter()
             for _ in range(args.steps):
-                pgd(model, x, y, eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.attack.steps,
-                    generator=torch.Generator().manual_seed(2))
+                run_attack()
             return (time.perf_counter() - s) / args.steps
         return run
 
-    def attacked(layout: bool, end_to_end: bool) -> torch.Tensor:  # the same attack from the same start
-        c, t = models(layout)
-        return pgd(DefendedModel(c, t.eval(), None) if end_to_end else c, x, y, eps=cfg.attack.eps,
-                   norm=cfg.attack.norm, steps=cfg.attack.steps, generator=torch.Generator().manual_seed(2))
-
-    diffs = {name: ((attacked(False, e2e) - attacked(True, e2e)).abs() > 1e-4).float().mean().item()
+    diffs = {name: ((attack(False, e2e)() - attack(True, e2e)()).abs() > 1e-4).float().mean().item()
              for name, e2e in (("C", False), ("C(T)", True))}
     print(f"{args.dataset}: C {cfg.classifier.arch}, translator {cfg.translator.arch} (width {cfg.translator.width}), "
           f"batch {args.batch}, {args.threads} thread(s), PGD-{cfg.attack.steps} {cfg.attack.norm} "

@@ -84,7 +84,7 @@ def profile_loop(loop_config: dict) -> None:
     from torch.utils.data.distributed import DistributedSampler
 
     from oodray.config import ExperimentConfig
-    from oodray.metrics import proxy_counts
+    from oodray.metrics import proxy_metrics_over_ranks
     from oodray.models.classifier import classifier_from_state
     from oodray.models.defended import DefendedModel
     from oodray.train import _resolve
@@ -127,9 +127,8 @@ def profile_loop(loop_config: dict) -> None:
     out = {k: 1000 * v / max(1, n) for k, v in parts.items()}
     x_val, y_val = eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)), cfg.data.seed)
     t0 = time.perf_counter()  # the proxy as the training loop runs it: split over the ranks, counts all-reduced
-    counts = proxy_counts(cfg, DefendedModel(classifier, raw.eval(), None), x_val, y_val, rank=rank, world=world)
-    if world > 1:
-        torch.distributed.all_reduce(counts)
+    proxy_metrics_over_ranks(cfg, DefendedModel(classifier, raw.eval(), None), x_val, y_val, rank, world,
+                             torch.device("cpu"))
     out["proxy_eval_per_epoch_s"] = time.perf_counter() - t0
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:  # Train V2 keeps the metrics of reports that carry a checkpoint

@@ -22,7 +22,7 @@ def accuracy(model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, torch.T
         batches = DataLoader(data, batch_size=batch_size)
     correct, n = 0, 0
     for xb, yb in batches:
-        correct += (model(xb).argmax(1) == yb).sum().item()
+        correct += _correct(model, xb, yb)
         n += len(yb)
     return correct / max(1, n)
 
@@ -77,6 +77,17 @@ def proxy_counts(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch.
         counts += torch.tensor([n, _correct(defended, xb, yb), _correct(defended, x_adv, yb),
                                 _correct(defended.classifier, xb, yb), *flags], dtype=torch.float64)
     return counts
+
+
+def proxy_metrics_over_ranks(cfg: ExperimentConfig, defended: torch.nn.Module, x_val: torch.Tensor,
+                             y_val: torch.Tensor, rank: int, world: int, device: torch.device) -> dict[str, float]:
+    """The proxy metrics of the whole set on every rank of a process group, each attacking its share (`proxy_counts`),
+    the counts all-reduced on `device` (NCCL needs them on the GPU)."""
+    counts = proxy_counts(cfg, defended, x_val, y_val, rank=rank, world=world)
+    if world > 1:
+        counts = counts.to(device)
+        torch.distributed.all_reduce(counts)
+    return proxy_from_counts(cfg, counts.cpu(), is_gated(defended))
 
 
 def proxy_from_counts(cfg: ExperimentConfig, counts: torch.Tensor, gated: bool) -> dict[str, float]:

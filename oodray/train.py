@@ -46,7 +46,7 @@ from oodray.imagefolder import one_line
 from oodray.io import ensure_writable_dir, fsync_dir, load_checkpoint, safe_child, save_checkpoint
 from oodray.locks import hold as hold_lock
 from oodray.losses import PatchDiscriminator, TranslatorObjective, discriminator_loss
-from oodray.metrics import proxy_counts, proxy_from_counts, proxy_metrics
+from oodray.metrics import proxy_metrics, proxy_metrics_over_ranks
 from oodray.models.classifier import classifier_from_state
 from oodray.models.defended import DefendedModel, MahalanobisGate, gate_from_state, gate_state, load_defended
 from oodray.models.translator import (
@@ -149,7 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     splits = load_dataset(cfg.data)
     classifier = classifier_from_state(_resolve(loop_config["classifier"])).to(device)  # frozen, never DDP-wrapped
     translator = build_translator(cfg.translator, splits.info.channels, splits.info.image_size)
-    layout = cfg.train.channels_last  # channels_last memory format (CPU and CUDA): faster convolutions
+    layout = cfg.train.channels_last  # channels_last memory format, CPU and CUDA (see runtime.fast_layout)
     classifier, translator = fast_layout(classifier, layout), fast_layout(translator, layout)
     disc = (fast_layout(PatchDiscriminator(splits.info.channels, splits.info.image_size), layout)
             if cfg.loss.gan > 0 else None)
@@ -243,11 +243,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # every rank gets the one-process figures, in 1/world of the time.
         raw_t.eval()
         t_proxy = time.time()
-        counts = proxy_counts(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val, rank=rank, world=world)
-        if world > 1:
-            counts = counts.to(device)
-            torch.distributed.all_reduce(counts)
-        metrics.update(proxy_from_counts(cfg, counts.cpu(), gate is not None))
+        metrics.update(proxy_metrics_over_ranks(cfg, DefendedModel(classifier, raw_t, gate), x_val, y_val, rank, world,
+                                                device))
         metrics["proxy_seconds"] = time.time() - t_proxy
         if rank == 0:
             totals["train"] += train_seconds
