@@ -30,7 +30,7 @@ from oodray.data import DatasetInfo
 from oodray.losses import TranslatorObjective
 from oodray.models.classifier import build_classifier, freeze
 from oodray.models.translator import build_translator
-from oodray.runtime import amp_autocast, fast_layout
+from oodray.runtime import amp_autocast, fast_layout, use_channels_last
 from oodray.train import train_step
 
 
@@ -53,8 +53,8 @@ def models(cfg: Any, info: DatasetInfo, device: torch.device) -> tuple[torch.nn.
     torch.manual_seed(0)
     classifier = freeze(build_classifier("resnet50", info)).to(device)
     translator = build_translator(cfg.translator, 3, info.image_size).to(device)
-    classifier, translator = (fast_layout(classifier, cfg.train.channels_last),
-                              fast_layout(translator, cfg.train.channels_last))
+    layout = use_channels_last(cfg.train.channels_last, device, info.image_size)
+    classifier, translator = fast_layout(classifier, layout), fast_layout(translator, layout)
     return classifier, translator
 
 

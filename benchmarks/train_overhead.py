@@ -34,7 +34,7 @@ from oodray.config import resolve_config
 from oodray.data import eval_subset, load_dataset
 from oodray.losses import TranslatorObjective
 from oodray.models.translator import build_translator
-from oodray.runtime import fast_layout, init_ray
+from oodray.runtime import fast_layout, init_ray, use_channels_last
 from oodray.train import PairedImages, fit_translator, prepare_run, train_step
 
 
@@ -47,7 +47,8 @@ def plain(cfg) -> float:
     torch.manual_seed(cfg.train.seed)
     t = build_translator(cfg.translator, splits.info.channels, splits.info.image_size)
     # the memory layout the Train worker uses (train.channels_last), so both sides run the same kernels
-    classifier, t = fast_layout(classifier, cfg.train.channels_last), fast_layout(t, cfg.train.channels_last)
+    layout = use_channels_last(cfg.train.channels_last, "cpu", splits.info.image_size)
+    classifier, t = fast_layout(classifier, layout), fast_layout(t, layout)
     opt = torch.optim.Adam(t.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999))
     objective = TranslatorObjective(cfg.loss, classifier)
     loader = DataLoader(PairedImages(splits.train, ensure_oblivious_cache(cfg, cpath)), batch_size=cfg.train.batch_size,
@@ -94,10 +95,11 @@ def profile_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     splits = load_dataset(cfg.data)
-    classifier = fast_layout(classifier_from_state(_resolve(loop_config["classifier"])), cfg.train.channels_last)
+    layout = use_channels_last(cfg.train.channels_last, ray.train.torch.get_device(), splits.info.image_size)
+    classifier = fast_layout(classifier_from_state(_resolve(loop_config["classifier"])), layout)
     torch.manual_seed(0)
     t = ray.train.torch.prepare_model(fast_layout(
-        build_translator(cfg.translator, splits.info.channels, splits.info.image_size), cfg.train.channels_last))
+        build_translator(cfg.translator, splits.info.channels, splits.info.image_size), layout))
     raw = t.module if hasattr(t, "module") else t
     opt = torch.optim.Adam(t.parameters(), lr=cfg.train.lr, betas=(0.5, 0.999))
     objective = TranslatorObjective(cfg.loss, classifier)

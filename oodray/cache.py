@@ -63,7 +63,7 @@ from oodray.io import (
 )
 from oodray.models.classifier import classifier_from_state
 from oodray.progress import Progress
-from oodray.runtime import fast_layout, task_device
+from oodray.runtime import fast_layout, task_device, use_channels_last
 
 log = logging.getLogger(__name__)
 FORMAT = "oodray.oblivious-cache/2"  # raw uint8 shards; format 1 (no tag in the manifest) held float16 torch files
@@ -265,7 +265,8 @@ def _generate_shards(cfg_dict: dict[str, Any], classifier_state: dict[str, Any],
     yields (shard id, start, stop, sha256, bytes) per shard, so the driver records each as soon as it exists."""
     cfg = ExperimentConfig.from_dict(cfg_dict)
     device = task_device(cfg.cache.gpus_per_task, cfg.cache.cpus_per_task)
-    classifier = fast_layout(classifier_from_state(classifier_state).to(device), cfg.train.channels_last)
+    layout = use_channels_last(cfg.train.channels_last, device, train[0][0].shape[-2:])
+    classifier = fast_layout(classifier_from_state(classifier_state).to(device), layout)
     for sid, start, stop in shards:
         parts = []
         for s in range(start, stop, batch):
@@ -281,7 +282,8 @@ def _estimate_seconds(cfg: ExperimentConfig, state: dict[str, Any], train: Datas
     (a rough figure: GPU tasks are much faster, larger batches somewhat faster per image)."""
     k = min(4, plan.n)
     x, y = stack(train, range(k))
-    classifier = fast_layout(classifier_from_state(state), cfg.train.channels_last)  # as the tasks will run it
+    layout = use_channels_last(cfg.train.channels_last, "cpu", x.shape[-2:])  # as CPU tasks will run it
+    classifier = fast_layout(classifier_from_state(state), layout)
     attack_chunk(cfg, classifier, x[:1], y[:1], 0)
     t0 = time.perf_counter()
     attack_chunk(cfg, classifier, x, y, 0)

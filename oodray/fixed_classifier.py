@@ -38,7 +38,7 @@ from oodray.models.classifier import (
     load_classifier,
     save_classifier,
 )
-from oodray.runtime import amp_autocast, fast_layout, init_ray_for
+from oodray.runtime import amp_autocast, fast_layout, init_ray_for, use_channels_last
 from oodray.storage import is_uri, storage_uri
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | N
                           "fine-tune it with classifier.epochs > 0 (e.g. --epochs 5)")
     if c.epochs == 0:
         return freeze(model)
-    model = fast_layout(model, cfg.train.channels_last)
+    model = fast_layout(model, use_channels_last(cfg.train.channels_last, "cpu", splits.info.image_size))
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
     g = torch.Generator().manual_seed(c.seed)
@@ -235,7 +235,7 @@ def classifier_loop_per_worker(loop_config: dict[str, Any]) -> None:
     compute = Compute.from_metrics(state.get("metrics") if ckpt else None)  # cumulative, resumes included
     passes = classifier_step_passes(c.adversarial, c.adv_steps)
     use_amp = cfg.train.amp and device.type == "cuda"
-    raw = fast_layout(model, cfg.train.channels_last)
+    raw = fast_layout(model, use_channels_last(cfg.train.channels_last, device, splits.info.image_size))
     ddp = ray.train.torch.prepare_model(raw)  # to the device; DDP when world > 1
     raw = ddp.module if hasattr(ddp, "module") else ddp
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=c.seed)

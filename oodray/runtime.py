@@ -77,11 +77,27 @@ def task_device(gpus: float, cpus: float) -> Any:
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
+# The largest image side at which `train.channels_last: null` (the default) picks channels_last on CPU. Measured with
+# benchmarks/layout.py, 1 thread, channels_last vs NCHW (translator step / PGD on C / PGD on C(T)): Fashion-MNIST 28 px
+# 1.45x / 1.63x / 1.41x; cifar10's preset at 32 px 1.07x / 1.06x / 1.07x; the imagenet preset at 64 px 1.03x / 1.80x /
+# 1.05x, at 112 px 0.98x / 1.07x / 0.96x, at 224 px 0.89x / 1.09x / 0.93x (README, benchmarks table).
+CPU_CHANNELS_LAST_MAX_SIDE = 64
+
+
+def use_channels_last(setting: bool | None, device: Any, image_size: tuple[int, ...]) -> bool:
+    """Whether conv nets run in channels_last memory format: `setting` (`train.channels_last`) when true or false;
+    when null (the default), always on CUDA (cuDNN's fast path under bf16), and on CPU for images of side up to
+    CPU_CHANNELS_LAST_MAX_SIDE, where it is faster; larger images stay NCHW there, where channels_last is slower."""
+    if setting is not None:
+        return setting
+    import torch
+
+    return torch.device(device).type == "cuda" or max(image_size) <= CPU_CHANNELS_LAST_MAX_SIDE
+
+
 def fast_layout(model: Any, enabled: bool) -> Any:
-    """The model in channels_last memory format when `enabled` (`train.channels_last`, the default), on every device.
-    cuDNN under bf16 runs faster in it; on CPU it depends on the model (benchmarks/layout.py): the Fashion-MNIST CNN
-    and U-Net gain 1.4-1.6x, the imagenet preset's ResNets at 224 px lose ~10% per translator step. Only float
-    rounding changes, not what is computed."""
+    """The model in channels_last memory format when `enabled` (see `use_channels_last`). Only float rounding changes,
+    not what is computed."""
     import torch
 
     return model.to(memory_format=torch.channels_last) if enabled else model

@@ -56,7 +56,7 @@ from oodray.models.translator import (
     checkpoint_dirs,
     load_translator_checkpoint,
 )
-from oodray.runtime import amp_autocast, fast_layout, init_ray, init_ray_for, pin_ray_address
+from oodray.runtime import amp_autocast, fast_layout, init_ray, init_ray_for, pin_ray_address, use_channels_last
 from oodray.shifts import random_shifts
 from oodray.storage import is_uri, storage_uri
 
@@ -149,7 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     splits = load_dataset(cfg.data)
     classifier = classifier_from_state(_resolve(loop_config["classifier"])).to(device)  # frozen, never DDP-wrapped
     translator = build_translator(cfg.translator, splits.info.channels, splits.info.image_size)
-    layout = cfg.train.channels_last  # channels_last memory format, CPU and CUDA (see runtime.fast_layout)
+    layout = use_channels_last(cfg.train.channels_last, device, splits.info.image_size)
     classifier, translator = fast_layout(classifier, layout), fast_layout(translator, layout)
     disc = (fast_layout(PatchDiscriminator(splits.info.channels, splits.info.image_size), layout)
             if cfg.loss.gan > 0 else None)

@@ -9,10 +9,12 @@ import torch
 from oodray.config import resolve_config
 from oodray.data import load_dataset, stack
 from oodray.errors import ConfigError
+from oodray.evaluate.tasks import _models
 from oodray.fixed_classifier import get_classifier, surrogate_config
+from oodray.io import load_checkpoint
 from oodray.losses import TranslatorObjective
 from oodray.models.translator import build_translator
-from oodray.runtime import amp_autocast, fast_layout
+from oodray.runtime import amp_autocast, fast_layout, use_channels_last
 from oodray.train import train_step
 
 
@@ -85,6 +87,27 @@ def test_layout_and_autocast_helpers():
     with amp_autocast(torch.device("cpu"), True):
         assert not torch.is_autocast_enabled("cpu")
         assert (conv(torch.rand(1, 3, 8, 8))).dtype == torch.float32
+
+
+def test_the_default_layout_follows_the_device_and_the_image_size():
+    """`train.channels_last: null` (the default): channels_last on CUDA, and on CPU up to 64 px, where it measured
+    faster; NCHW for larger images on CPU (the imagenet preset at 112 and 224 px was slower in channels_last)."""
+    assert resolve_config("synthetic").train.channels_last is None
+    assert use_channels_last(None, "cpu", (28, 28)) and use_channels_last(None, "cpu", (64, 64))
+    assert not use_channels_last(None, "cpu", (112, 112)) and not use_channels_last(None, "cpu", torch.Size([224, 224]))
+    assert use_channels_last(None, "cuda", (224, 224)) and use_channels_last(None, torch.device("cuda", 1), (224, 224))
+    assert use_channels_last(True, "cpu", (224, 224)) and not use_channels_last(False, "cuda", (8, 8))  # as set
+    # an evaluation task applies it to C and C(T) (and reports it, for the transfer surrogate)
+    cfg = resolve_config("synthetic")
+    _, path = get_classifier(cfg, load_dataset(cfg.data))
+    state = load_checkpoint(path, what="classifier checkpoint")
+    for size, setting, expected in (((8, 8), None, True), ((224, 224), None, False), ((224, 224), True, True)):
+        c, defended, layout = _models(cfg.replace(**{"train.channels_last": setting}), state, None,
+                                      torch.device("cpu"), size)
+        convs = [m.weight for m in defended.modules()  # those whose two layouts differ: > 1 input channel, k > 1
+                 if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[2:].numel() > 1]
+        assert layout == expected and convs
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == expected for w in convs)
 
 
 def test_the_transfer_surrogate_is_another_model():

@@ -211,9 +211,9 @@ class TrainConfig:
     max_failures: int = 2  # Ray Train FailureConfig retries
     amp: bool = True  # bf16 autocast, used only on GPU (a no-op on CPU)
     # channels_last memory format for every conv net trained or attacked (translator and classifier training, the
-    # oblivious cache, evaluation tasks), CPU and GPU; only float rounding differs (not in run names). Faster on GPU
-    # and for small CNNs on CPU; ~10% slower for the imagenet preset's ResNets on CPU (benchmarks/layout.py)
-    channels_last: bool = True
+    # oblivious cache, evaluation tasks); only float rounding differs (not in run names). null (default): on CUDA
+    # always, on CPU for images up to 64 px, where it is faster, and NCHW above (runtime.use_channels_last)
+    channels_last: bool | None = None
     max_batches: int | None = None  # cap on batches per epoch (tests, quick searches)
 
     def __post_init__(self) -> None:
@@ -439,6 +439,8 @@ def _coerce(tp: Any, v: Any, key: str) -> Any:
         if v is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if inner == [bool] and not isinstance(v, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, or null (the automatic choice), got {v!r}")
         return _coerce(inner[0], v, key)
     if origin is tuple:
         if isinstance(v, (str, int, float)) and not isinstance(v, bool):

@@ -21,7 +21,7 @@ from oodray.attacks import autoattack
 from oodray.config import ExperimentConfig
 from oodray.models.classifier import classifier_from_state
 from oodray.models.defended import build_defended
-from oodray.runtime import fast_layout, task_device
+from oodray.runtime import fast_layout, task_device, use_channels_last
 from oodray.shifts import SEVERITIES, SHIFTS, apply_shift
 
 
@@ -52,11 +52,12 @@ def _task_setup(cfg: ExperimentConfig) -> torch.device:
 
 
 def _models(cfg: ExperimentConfig, classifier_state: dict[str, Any], translator_state: dict[str, Any] | None,
-            device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """C and the defended model C(T(.)) (sharing C) on the task's device, in the configured memory layout."""
-    classifier = fast_layout(classifier_from_state(classifier_state).to(device), cfg.train.channels_last)
-    return classifier, fast_layout(build_defended(cfg, classifier, translator_state).to(device),
-                                   cfg.train.channels_last)
+            device: torch.device, image_size: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
+    """C and the defended model C(T(.)) (sharing C) on the task's device, in the memory layout for the device and
+    image size (`use_channels_last`), and that layout."""
+    layout = use_channels_last(cfg.train.channels_last, device, image_size)
+    classifier = fast_layout(classifier_from_state(classifier_state).to(device), layout)
+    return classifier, fast_layout(build_defended(cfg, classifier, translator_state).to(device), layout), layout
 
 
 def _node_id() -> str | None:
@@ -78,11 +79,11 @@ def attack_shard(job: dict[str, Any], classifier_state: dict[str, Any], translat
     t0, cpu0 = time.time(), time.process_time()
     cfg = ExperimentConfig.from_dict(job["config"])
     device = _task_setup(cfg)
-    classifier, defended = _models(cfg, classifier_state, translator_state, device)
+    classifier, defended, layout = _models(cfg, classifier_state, translator_state, device, x.shape[-2:])
     threat, block, start = job["threat"], job["block"], job["start"]
     target = {"oblivious": classifier, "adaptive": defended}.get(threat)
     if threat == "transfer":
-        target = fast_layout(classifier_from_state(surrogate_state).to(device), cfg.train.channels_last)
+        target = fast_layout(classifier_from_state(surrogate_state).to(device), layout)
     stages = ["clean", *job["attacks"]]
     counts = dict.fromkeys(stages, 0)
     x_adv, target_robust, messages = [], [], []
@@ -137,7 +138,7 @@ def clean_and_shifts(job: dict[str, Any], classifier_state: dict[str, Any], tran
     """Clean accuracy of C and C(T(.)) (and the gate's clean flag rate); the natural shifts when job['shifts']."""
     cfg = ExperimentConfig.from_dict(job["config"])
     device = _task_setup(cfg)
-    classifier, defended = _models(cfg, classifier_state, translator_state, device)
+    classifier, defended, _ = _models(cfg, classifier_state, translator_state, device, x.shape[-2:])
     block = block_size(len(y), cfg.eval.batch_size)
     pc, pd = _predict(classifier, x, block, device), _predict(defended, x, block, device)
     out: dict[str, Any] = {"classifier_correct": (pc == y).int().tolist(), "defended_correct": (pd == y).int().tolist(),
