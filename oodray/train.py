@@ -238,7 +238,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        data_seconds=data_seconds, setup_seconds=setup_seconds,
                        train_examples=n_examples * world, world_size=world, worker_started_at=entered,
                        resumed_from_epoch=start_epoch, node_id=ray.get_runtime_context().get_node_id(),
-                       cache_passes=loop_config.get("cache_passes", 0.0))
+                       cache_passes=loop_config.get("cache_passes", 0.0), channels_last=layout)
         # The proxy evaluation, split over the ranks (each attacks its batches of the fixed set, the counts summed):
         # every rank gets the one-process figures, in 1/world of the time.
         raw_t.eval()

@@ -209,6 +209,7 @@ def test_outputs_are_labelled_and_complete(trained_eval):
     assert set(summary["shifts"]) == {"darker", "brighter", "contrast", "sharpen", "blur", "noise"}
     assert json.loads((out / "summary.json").read_text())["robust"] == summary["robust"]
     assert [s["start"] for s in _load(out, "adaptive-Linf-0.2")["shards"]] == [0, 8, 16]
+    assert all(s["channels_last"] for s in _load(out, "adaptive-Linf-0.2")["shards"])  # the layout used: CPU, 8 px
 
 
 def test_adaptive_is_not_weaker_than_oblivious(trained_eval):

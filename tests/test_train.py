@@ -47,6 +47,7 @@ def test_two_worker_training_checkpoints_and_resumes(ray_local, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert {k: result.metrics[k] for k in alone} == alone
+    assert result.metrics["channels_last"] is True  # the layout the workers used (the default on CPU at 8 px)
     assert state["epoch"] == 1 and state["config"]["train"]["workers"] == 2 and "optimizer" in state
     first = state["translator"]
 

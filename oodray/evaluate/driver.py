@@ -175,7 +175,8 @@ def _merge(job: _Job, meta: dict[str, Any], n: int) -> dict[str, Any]:
         "messages": list(dict.fromkeys(m for r in parts for m in r["messages"])),
         "autoattack": autoattack_settings(job.version, norm, eps),
         "shards": [{"start": r["start"], "stop": r["stop"], "seconds": round(r["seconds"], 2),
-                    "cpu_seconds": round(r["cpu_seconds"], 2), "node_id": r.get("node_id")} for r in parts],
+                    "cpu_seconds": round(r["cpu_seconds"], 2), "node_id": r.get("node_id"),
+                    "channels_last": r.get("channels_last")} for r in parts],
         "per_example": {**cat, **({"gate_flags": gate} if gate is not None else {})},
     }
 

@@ -110,7 +110,7 @@ def attack_shard(job: dict[str, Any], classifier_state: dict[str, Any], translat
     return {"start": start, "stop": job["stop"], "robust": (clean_ok & adv_ok).int().tolist(),
             "adv_correct": adv_ok.int().tolist(), "target_robust": torch.cat(target_robust).int().tolist(),
             "stage_counts": counts, "messages": messages, "gate_flags": gate_flags, "seconds": time.time() - t0,
-            "cpu_seconds": time.process_time() - cpu0, "node_id": _node_id()}
+            "cpu_seconds": time.process_time() - cpu0, "node_id": _node_id(), "channels_last": layout}
 
 
 def shift_accuracies(classifier: torch.nn.Module, defended: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
