@@ -11,8 +11,8 @@ gets):
 
 Models are the dataset preset's C and translator with fixed random weights (speed does not depend on the weights);
 inputs are random images of the dataset's shape. With --size (cifar10, imagenet) no data is read: the images are
-3 x SIZE x SIZE (imagenet: ResNet-50 as C; cifar10: its ResNet-18). It
-also prints the share of pixels where the two layouts' PGD results differ, to show that only rounding differs.
+3 x SIZE x SIZE (imagenet: ResNet-50 as C; cifar10: its ResNet-18). It also prints the share of pixels where the two
+layouts' PGD results differ, to show that only rounding differs.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
         if args.dataset not in SYNTHETIC:
             p.error(f"--size works with {', '.join(SYNTHETIC)}, not '{args.dataset}' (which is read from its data)")
         info = DatasetInfo(args.dataset, *SYNTHETIC[args.dataset], (args.size or 224,) * 2,
-                           (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+                           (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # normalisation: no bearing on speed
     else:
         info = load_dataset(cfg.data).info
     torch.manual_seed(0)

@@ -102,7 +102,7 @@ def test_the_default_layout_follows_the_device_and_the_image_size():
     _, path = get_classifier(cfg, load_dataset(cfg.data))
     state = load_checkpoint(path, what="classifier checkpoint")
     for size, setting, expected in (((8, 8), None, True), ((224, 224), None, False), ((224, 224), True, True)):
-        c, defended, layout = _models(cfg.replace(**{"train.channels_last": setting}), state, None,
+        _, defended, layout = _models(cfg.replace(**{"train.channels_last": setting}), state, None,
                                       torch.device("cpu"), size)
         convs = [m.weight for m in defended.modules()  # those whose two layouts differ: > 1 input channel, k > 1
                  if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[2:].numel() > 1]
