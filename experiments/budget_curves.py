@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from oodray.config import flatten  # noqa: E402
+from oodray.evaluate.wall import EVAL_SECONDS_NOTE, EVAL_SECONDS_STAR, eval_seconds_cell  # noqa: E402
 
 METHODS = {"pgd-at": "PGD-AT", "trades": "TRADES", "refit": "translator (refit of the best searched config)"}
 
@@ -46,7 +47,9 @@ def _row(path: Path) -> dict:
         "AA oblivious": oblivious if oblivious is not None or s.get("translator") != "identity" else adaptive,
         "AA transfer": next((v for k, v in robust.items() if k.startswith("transfer/")), None),
         "shifts": sum(v["defended"] for v in shifts.values()) / len(shifts) if shifts else None,
-        "train s": round(sum(walls)) if walls else None, "eval s": s.get("seconds"),
+        "train s": round(sum(walls)) if walls else None,
+        "eval s": eval_seconds_cell(s),
+        "surrogate s": s.get("surrogate_train_seconds"),
         "n": s.get("n_examples"), "sanity": "; ".join(t.get("kind", "") for t in s.get("sanity") or []) or "none",
         "_config": s.get("config") or {},
     }
@@ -85,10 +88,17 @@ def main() -> None:
           "from scratch) at PGD-AT's compute of that budget, matched by `python -m oodray.refit --match`. AutoAttack "
           f"on the same fixed {rows[0]['n']} test images for every row. Plot: `{prefix.name}-curves.png`.\n")
     shown = df.drop(columns=["_config"]).rename(columns={"sanity": "sanity tells"})
-    whole = {"budget": "{:g}", "compute (passes)": "{:,.0f}", "train s": "{:.0f}", "eval s": "{:.0f}", "n": "{:.0f}"}
+    whole = {"budget": "{:g}", "compute (passes)": "{:,.0f}", "train s": "{:.0f}", "surrogate s": "{:.0f}",
+             "n": "{:.0f}"}
     for col, fmt in whole.items():  # counts and seconds as whole numbers; accuracies keep 3 decimals
         shown[col] = [fmt.format(v) if pd.notna(v) else "" for v in shown[col]]
+    shown["eval s"] = shown["eval s"].fillna("")
     print(shown.to_markdown(index=False, floatfmt=".3f"))
+    print("\n`train s`: the defence's training wall seconds (classifier, and translator when there is one). `"
+          + EVAL_SECONDS_NOTE.replace("eval s:", "eval s`:")
+          + ("; " + EVAL_SECONDS_STAR if shown["eval s"].str.endswith("*").any() else "")
+          + ". `surrogate s`: the training of the transfer attack's surrogate classifier, not in `eval s`; it is "
+          "trained once and shared by every row with the same surrogate config.")
     print("\nEach row's resolved config differs from the first row's in:\n")
     base = flatten(rows[0]["_config"])
     for r in rows:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from oodray.config import flatten
+from oodray.evaluate.wall import EVAL_SECONDS_NOTE, EVAL_SECONDS_STAR, eval_seconds_cell
 from oodray.results import THREATS, summary_rows
 
 
@@ -43,7 +44,7 @@ def _row(s: dict, label: str) -> dict:
     row["compute (passes)"] = f"{tc['passes']:.3g}" if tc.get("passes") is not None else "not recorded"
     walls = [tc.get(k) for k in ("classifier_wall_seconds", "translator_wall_seconds") if tc.get(k) is not None]
     row["train s"] = round(sum(walls)) if walls else None
-    row["eval s"] = s.get("seconds")
+    row["eval s"] = eval_seconds_cell(s)
     return row
 
 
@@ -72,7 +73,8 @@ def main() -> None:
           "adaptive: the same AutoAttack run on C fills both columns. Shift columns: accuracy of C(T(.)) averaged "
           "over severities 1-5. compute: the defence's whole training compute in forward+backward passes per example "
           "(classifier + translator + its oblivious cache; PGD-k steps count k, see oodray/compute.py); train s: "
-          "measured training wall seconds (classifier + translator); eval s: wall seconds of this evaluation.\n")
+          f"measured training wall seconds (classifier + translator); {EVAL_SECONDS_NOTE}"
+          + (f"; {EVAL_SECONDS_STAR}" if table["eval s"].astype(str).str.endswith("*").any() else "") + ".\n")
     print("Sanity tells of the evaluation (gradient masking, AutoAttack's own warnings):" +
           (" none fired." if not tells else "\n"))
     for label, t in tells:

@@ -199,8 +199,9 @@ def test_stochastic_translator_is_detected(cache):
 def test_outputs_are_labelled_and_complete(trained_eval):
     cfg, out, summary = trained_eval
     names = {p.stem for p in out.glob("*.json")}
-    assert names == {"clean", "shifts", "summary", "oblivious-Linf-0.2", "adaptive-Linf-0.2", "transfer-Linf-0.2"}
-    for name in names - {"summary"}:
+    assert names == {"clean", "shifts", "summary", "wall", "oblivious-Linf-0.2", "adaptive-Linf-0.2",
+                     "transfer-Linf-0.2"}
+    for name in names - {"summary", "wall"}:
         r = _load(out, name)
         assert r["label"] == "tiny" and r["config"] == cfg.to_dict() and r["complete"]
         assert r["threat_model"] == name.split("-")[0].replace("shifts", "natural-shift")
@@ -210,6 +211,8 @@ def test_outputs_are_labelled_and_complete(trained_eval):
     assert json.loads((out / "summary.json").read_text())["robust"] == summary["robust"]
     assert [s["start"] for s in _load(out, "adaptive-Linf-0.2")["shards"]] == [0, 8, 16]
     assert all(s["channels_last"] for s in _load(out, "adaptive-Linf-0.2")["shards"])  # the layout used: CPU, 8 px
+    assert summary["attempts"] == 1 and 0 < summary["wall_seconds_total"] <= summary["seconds"]
+    assert summary["surrogate_train_seconds"] > 0  # the transfer surrogate was trained for this evaluation
 
 
 def test_adaptive_is_not_weaker_than_oblivious(trained_eval):
@@ -290,17 +293,24 @@ def test_gated_defence_records_flag_rates(ray_local, translator_ckpt, tmp_path):
     assert "gate_flag_rate" in summary_tables(s)[0].columns
 
 
+def _result_stamps(out: Path) -> dict[str, int]:
+    """Modification times of the result files (summary.json and the wall-time record are rewritten by every run)."""
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name not in ("summary.json", "wall.json")}
+
+
 def test_finished_results_are_reused_and_never_overwritten(identity_eval):
     from oodray.evaluate import run_evaluation
 
     cfg, out, first = identity_eval
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
+    stamps = _result_stamps(out)
     again = run_evaluation(cfg, checkpoint=None, out_dir=out, label="identity")  # reuse: unchanged stamps, no clock
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
-    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
+    timing = ("seconds", "wall_seconds_total", "attempts")
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
+    assert again["attempts"] == first["attempts"] + 1 and again["wall_seconds_total"] >= first["wall_seconds_total"]
+    assert stamps == _result_stamps(out)
     with pytest.raises(OodrayError, match="another evaluation"):
         run_evaluation(cfg.replace(**{"eval.n_examples": 8}), checkpoint=None, out_dir=out, label="identity")
-    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
+    assert stamps == _result_stamps(out)
 
 
 def test_killed_task_resumes_from_its_state_file(identity_eval, tmp_path, caplog):
@@ -339,6 +349,33 @@ def test_killed_task_resumes_from_its_state_file(identity_eval, tmp_path, caplog
     assert any("resuming AutoAttack" in r.getMessage() for r in caplog.records)
     assert res["target_robust"] == _load(out, "oblivious-Linf-0.07")["per_example"]["target_robust"]
     assert res["robust"] == _load(out, "oblivious-Linf-0.07")["per_example"]["robust"]
+
+
+def test_wall_time_counts_every_attempt_a_killed_one_too(tmp_path):
+    """An attempt SIGKILLed mid-way leaves its wall time in wall.json; the next attempt adds its own to it."""
+    from oodray.evaluate.wall import AttemptClock, read_attempts
+
+    path = tmp_path / "wall.json"
+    script = ("import sys, time\nfrom pathlib import Path\nfrom oodray.evaluate.wall import AttemptClock\n"
+              "with AttemptClock(Path(sys.argv[1]), interval=0.1):\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while (not read_attempts(path) or read_attempts(path)[0]["seconds"] < 1.0) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    killed = read_attempts(path)
+    assert len(killed) == 1 and killed[0]["seconds"] >= 1.0
+    with AttemptClock(path, interval=0.1) as clock:
+        time.sleep(0.3)
+        totals = clock.totals()
+    assert totals["attempts"] == 2 and totals["wall_seconds_total"] >= killed[0]["seconds"] + 0.3
+    assert [a["seconds"] for a in read_attempts(path)][:1] == [killed[0]["seconds"]] and len(read_attempts(path)) == 2
+    assert read_attempts(path)[1]["seconds"] >= 0.3
+    path.write_text("{not json")  # an unreadable record leaves the total short, never stops the evaluation
+    with AttemptClock(path) as clock:
+        assert clock.totals()["attempts"] == 1
 
 
 # --- CLI -------------------------------------------------------------------------------------------------------

@@ -275,3 +275,28 @@ def test_summarize_reads_the_merged_rows(tmp_path):
     pgd = rows[-1]
     assert pgd[4] == "0.370" and pgd[5] == "0.370" and pgd[6] == "0.590"  # oblivious filled from adaptive
     assert pgd[7 + len(SHIFTS)] == "not recorded"  # a summary without training_compute says so, never 0
+
+
+def test_budget_curves_show_every_attempts_wall_time(tmp_path):
+    """experiments/budget_curves.py: eval s is the sum over attempts with their count; an older summary's last-run
+    seconds are marked as such; the surrogate's training has its own column; the plot is written."""
+    out, search = tmp_path / "budget", tmp_path / "search"
+    search.mkdir()
+    tc = {"passes": 864000.0, "classifier_wall_seconds": 970.0}
+    new = {**_summary("pgd-at-b2", "identity", 0.77, 0.77, {"adaptive/Linf/0.2": 0.6}), "seconds": 373.0,
+           "wall_seconds_total": 2468.4, "attempts": 3, "surrogate_train_seconds": 512.0, "training_compute": tc}
+    old = {**_summary("undefended", "identity", 0.91, 0.91, {"adaptive/Linf/0.2": 0.0}), "seconds": 204.0,
+           "training_compute": {**tc, "passes": 432000.0}}
+    _write_eval(out / "pgd-at-b2", new)
+    _write_eval(out / "undefended", old)
+    proc = subprocess.run([sys.executable, "experiments/budget_curves.py", str(out), str(search),
+                           str(tmp_path / "digits-budget")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    cols = [c.strip() for c in next(x for x in lines if x.startswith("| method")).strip("|").split("|")]
+    rows = {r[1]: dict(zip(cols, r)) for r in ([c.strip() for c in x.strip("|").split("|")] for x in lines
+                                                if re.match(r"\| (PGD|undef)", x))}
+    assert rows["pgd-at-b2"]["eval s"] == "2468 (3)" and rows["pgd-at-b2"]["surrogate s"] == "512"
+    assert rows["undefended"]["eval s"] == "204*" and rows["undefended"]["surrogate s"] == ""
+    assert "marked * is the last attempt's only" in proc.stdout
+    assert (tmp_path / "digits-budget-curves.png").stat().st_size > 1000

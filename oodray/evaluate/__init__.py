@@ -28,9 +28,14 @@ out_dir holds `<threat>-<norm>-<eps>.json` per attack, `clean.json`, `shifts.jso
 resolved config; AutoAttack state per block lives under `state/`, so a killed task (retried by Ray) resumes there.
 Finished results are reused; one made by a different evaluation is never overwritten (one-line error instead).
 On a multi-node cluster put out_dir on shared storage so that a retried task finds its state on any node.
+Time: `summary.json`'s `seconds` is the last run's; `wall_seconds_total` sums every attempt's wall time from the moment
+it held out_dir (`wall.json`, killed attempts included, each short by at most 10 s) and `attempts` counts them;
+`surrogate_train_seconds` is the transfer surrogate's training time, read from its checkpoint (it is trained once, in
+whichever attempt first needs it, before that attempt holds out_dir).
 
 Modules (each imports only those listed before it): `tasks` (Ray task bodies, block size), `plan` (inputs, shards,
-result files), `sanity` (gradient-masking tells), `driver` (`run_evaluation`: the fan-out), `command` (the CLI).
+result files), `sanity` (gradient-masking tells), `wall` (wall time over attempts), `driver` (`run_evaluation`: the
+fan-out), `command` (the CLI).
 """
 
 from oodray.evaluate.command import default_out_and_label, main

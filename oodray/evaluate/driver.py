@@ -30,6 +30,7 @@ from oodray.evaluate.plan import (
 )
 from oodray.evaluate.sanity import sanity_checks
 from oodray.evaluate.tasks import attack_shard, clean_and_shifts
+from oodray.evaluate.wall import AttemptClock
 from oodray.io import atomic_write_text
 from oodray.locks import hold as hold_lock
 from oodray.progress import Progress
@@ -73,10 +74,12 @@ def run_evaluation(cfg: ExperimentConfig, *, checkpoint: str | Path | None, out_
                       "shifts": res["shifts"]}
             _write_result(out_dir / "shifts.json", shifts)
 
-    if todo or clean is None or need_shifts:
-        _fan_out(inp, todo, done, on_clean if clean is None or need_shifts else None, need_shifts)
-    summary = _summary(inp, clean, shifts, done)
-    summary["seconds"] = round(time.time() - t0, 1)
+    with AttemptClock(out_dir / "wall.json") as clock:  # every attempt's wall time, killed ones included
+        if todo or clean is None or need_shifts:
+            _fan_out(inp, todo, done, on_clean if clean is None or need_shifts else None, need_shifts)
+        summary = _summary(inp, clean, shifts, done)
+        summary["seconds"] = round(time.time() - t0, 1)  # this run's, input loading (and training a surrogate) included
+        summary.update(clock.totals())
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
@@ -202,6 +205,7 @@ def _summary(inp: _Inputs, clean: dict[str, Any], shifts: dict[str, Any] | None,
         "sanity": inp.notes + sanity_checks({k: results[k] for k in order}, inp.num_classes),
         "n_examples": inp.meta["n_examples"], "version": inp.cfg.eval.version, "config": inp.meta["config"],
         "training_compute": defence_compute(inp.classifier_state, inp.translator_state, inp.train_examples),
+        "surrogate_train_seconds": ((inp.surrogate_state or {}).get("metrics") or {}).get("compute_wall_seconds"),
     }
 
 
