@@ -447,7 +447,7 @@ def fit_translator(cfg: ExperimentConfig, loop_config: dict[str, Any], *, storag
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **(
                 {"GPU": cfg.train.gpus_per_worker} if cfg.train.gpus_per_worker > 0 else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks,
+            name=name, storage_path=storage_uri(storage), callbacks=callbacks,  # Ray wants local paths absolute
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )

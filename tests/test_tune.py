@@ -1,11 +1,12 @@
 """`python -m oodray.tune` end to end on a real local Ray (tiny search on synthetic data), resume, results CLI."""
 
 import json
+import os
 
 import optuna
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli
 
 from oodray.errors import ConfigError, OodrayError
 from oodray.search_space import CONDITIONAL, SPACE, DefineByRun, narrowed_space
@@ -223,3 +224,9 @@ def test_refit_stage_retrains_the_best_config_and_is_what_gets_evaluated(tmp_pat
     again = run_cli("oodray.tune", *args, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in before} == before
+    # `python -m oodray.refit` on the finished search, named by a relative path (as experiments/*-budget.sh does):
+    rel = os.path.relpath(exp, ROOT)
+    later = run_cli("oodray.refit", rel, "--epochs", "1", "--suffix=-e1", "--n-examples", "8")
+    assert later.returncode == 0, later.stdout[-2000:] + later.stderr[-3000:]
+    assert len(list((exp / "refit" / f"{run.name}-e1").glob("checkpoint_*/translator.pt"))) == 1
+    assert json.loads((exp / "eval" / f"{run.name}-e1" / "summary.json").read_text())["n_examples"] == 8
