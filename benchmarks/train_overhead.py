@@ -14,13 +14,16 @@ dataset, classifier, models, proxy subset), checkpoint writes, time between epoc
 Ray's shutdown (the last report to fit()'s return).
 
 `--profile` times, inside 1- and 2-worker TorchTrainers, each training step's parts: waiting for data, forward and
-backward without gradient synchronisation (`DDP.no_sync`), and the same step with it (the difference is the
-all-reduce); plus the proxy evaluation per epoch.
+backward without gradient synchronisation (`DDP.no_sync`), the wait at a barrier for the other rank to finish it,
+and the same step with synchronisation, the ranks started together (its excess over the first is DDP's all-reduce
+inside the step, skew that arises within the step included); a bare all-reduce of a tensor the gradient's size after
+a barrier (the transfer alone); plus the proxy evaluation per epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -82,6 +85,7 @@ def profile_loop(loop_config: dict) -> None:
     """A Train worker loop that times the parts of oodray's training step (same data, models and `train_step`)."""
     import ray.train
     import ray.train.torch
+    import torch.distributed as dist
     from torch.utils.data.distributed import DistributedSampler
 
     from oodray.config import ExperimentConfig
@@ -107,7 +111,7 @@ def profile_loop(loop_config: dict) -> None:
     loader = DataLoader(data, batch_size=cfg.train.batch_size,
                         sampler=DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0))
     g = torch.Generator().manual_seed(0)
-    parts = {"data": 0.0, "step_no_sync": 0.0, "step_sync": 0.0}
+    parts = {"data": 0.0, "step_no_sync": 0.0, "wait_other_rank": 0.0, "step_sync": 0.0}
     n = 0
     fetched = time.perf_counter()
     for b, batch in enumerate(loader):
@@ -121,12 +125,26 @@ def profile_loop(loop_config: dict) -> None:
         else:
             train_step(cfg, t, classifier, None, objective, (opt, None), None, batch, g, False)
         t1 = time.perf_counter()
+        if world > 1:  # the ranks start the synchronised step together: their skew is timed apart from the step
+            dist.barrier()
+        t2 = time.perf_counter()
         train_step(cfg, t, classifier, None, objective, (opt, None), None, batch, g, False)
         parts["step_no_sync"] += t1 - t0
-        parts["step_sync"] += time.perf_counter() - t1
+        parts["wait_other_rank"] += t2 - t1
+        parts["step_sync"] += time.perf_counter() - t2
         n += 1
         fetched = time.perf_counter()
     out = {k: 1000 * v / max(1, n) for k, v in parts.items()}
+    grad = torch.zeros(sum(q.numel() for q in raw.parameters()))  # the gradient's size, all-reduced on its own
+    bare = []
+    for i in range(60 if world > 1 else 0):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(grad)
+        if i >= 10:  # the first ones warm gloo up
+            bare.append(time.perf_counter() - t0)
+    out["bare_allreduce"] = 1000 * statistics.median(bare) if bare else 0.0
+    out["gradient_mb"] = grad.numel() * 4 / 1e6
     x_val, y_val = eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)), cfg.data.seed)
     t0 = time.perf_counter()  # the proxy as the training loop runs it: split over the ranks, counts all-reduced
     proxy_metrics_over_ranks(cfg, DefendedModel(classifier, raw.eval(), None), x_val, y_val, rank, world,
@@ -194,11 +212,14 @@ def main() -> None:
               f"    + after the last report (shutdown) {parts['end']}")
     if args.profile:
         prof = profile(base, storage)
-        print("per-step split (ms per batch, rank 0): data wait / step without all-reduce / step with all-reduce")
+        print("per-step split (ms per batch, rank 0): data wait / step without all-reduce / wait for the other rank "
+              "/ step with all-reduce (started together)")
         for w, m in prof.items():
-            print(f"  {w} worker(s): {m['data']:.1f} / {m['step_no_sync']:.1f} / {m['step_sync']:.1f}"
-                  f"   (all-reduce ~{m['step_sync'] - m['step_no_sync']:.1f} ms); proxy evaluation "
-                  f"{m['proxy_eval_per_epoch_s']:.2f} s per epoch")
+            print(f"  {w} worker(s): {m['data']:.1f} / {m['step_no_sync']:.1f} / {m['wait_other_rank']:.1f} / "
+                  f"{m['step_sync']:.1f}   (synchronisation ~{m['step_sync'] - m['step_no_sync']:.1f} ms in the step"
+                  + (f"; a bare all-reduce of the {m['gradient_mb']:.2f} MB gradient {m['bare_allreduce']:.2f} ms, "
+                     "median of 50" if w > 1 else "")
+                  + f"); proxy evaluation {m['proxy_eval_per_epoch_s']:.2f} s per epoch")
     print(load_line(before))
 
 
