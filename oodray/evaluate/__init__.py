@@ -29,7 +29,8 @@ resolved config; AutoAttack state per block lives under `state/`, so a killed ta
 Finished results are reused; one made by a different evaluation is never overwritten (one-line error instead).
 On a multi-node cluster put out_dir on shared storage so that a retried task finds its state on any node.
 Time: `summary.json`'s `seconds` is the last run's; `wall_seconds_total` sums every attempt's wall time from the moment
-it held out_dir (`wall.json`, killed attempts included, each short by at most 10 s) and `attempts` counts them;
+it held out_dir (`wall.json`, killed attempts included, each short by at most 10 s) and `attempts` counts them (a
+run that finds everything done is not an attempt);
 `surrogate_train_seconds` is the transfer surrogate's training time, read from its checkpoint (it is trained once, in
 whichever attempt first needs it, before that attempt holds out_dir).
 

@@ -30,7 +30,7 @@ from oodray.evaluate.plan import (
 )
 from oodray.evaluate.sanity import sanity_checks
 from oodray.evaluate.tasks import attack_shard, clean_and_shifts
-from oodray.evaluate.wall import AttemptClock
+from oodray.evaluate.wall import AttemptClock, recorded_totals
 from oodray.io import atomic_write_text
 from oodray.locks import hold as hold_lock
 from oodray.progress import Progress
@@ -74,12 +74,15 @@ def run_evaluation(cfg: ExperimentConfig, *, checkpoint: str | Path | None, out_
                       "shifts": res["shifts"]}
             _write_result(out_dir / "shifts.json", shifts)
 
-    with AttemptClock(out_dir / "wall.json") as clock:  # every attempt's wall time, killed ones included
-        if todo or clean is None or need_shifts:
+    if todo or clean is None or need_shifts:
+        with AttemptClock(out_dir / "wall.json") as clock:  # every attempt's wall time, killed ones included
             _fan_out(inp, todo, done, on_clean if clean is None or need_shifts else None, need_shifts)
-        summary = _summary(inp, clean, shifts, done)
-        summary["seconds"] = round(time.time() - t0, 1)  # this run's, input loading (and training a surrogate) included
-        summary.update(clock.totals())
+            totals = clock.totals()
+    else:  # nothing left to do: not an attempt
+        totals = recorded_totals(out_dir / "wall.json")
+    summary = _summary(inp, clean, shifts, done)
+    summary["seconds"] = round(time.time() - t0, 1)  # this run's, input loading (and training a surrogate) included
+    summary.update(totals)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 

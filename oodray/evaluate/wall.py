@@ -1,10 +1,11 @@
 """Wall time of an evaluation summed over every attempt at it, so that a resumed evaluation reports what it really
 cost, not only its last run's share.
 
-Each run of the evaluation driver appends one attempt to `<out_dir>/wall.json` and rewrites its `seconds` every
-`interval` seconds from a daemon thread, then once more when it stops. A run that is killed (SIGKILL, a lost node, the
-machine going down) therefore leaves its time on disk too, short by at most one interval. The driver holds the
-output directory's lock while it writes, so there is one writer per file.
+Each run of the evaluation driver that has work left appends one attempt to `<out_dir>/wall.json` and rewrites its
+`seconds` every `interval` seconds from a daemon thread, then once more when it stops. A run that is killed (SIGKILL,
+a lost node, the machine going down) therefore leaves its time on disk too, short by at most one interval. A run that
+finds everything done is not an attempt. The driver holds the output directory's lock while it writes, so there is
+one writer per file.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def read_attempts(path: Path) -> list[dict[str, Any]]:
         return []
     return [a for a in attempts if isinstance(a, dict) and isinstance(a.get("seconds"), (int, float))] \
         if isinstance(attempts, list) else []
+
+
+def recorded_totals(path: Path) -> dict[str, Any]:
+    """`wall_seconds_total` and `attempts` of the attempts recorded in `path`; {} when none is (an evaluation finished
+    before attempts were recorded: its total is unknown, not 0)."""
+    attempts = read_attempts(path)
+    return {"wall_seconds_total": round(sum(a["seconds"] for a in attempts), 1), "attempts": len(attempts)} \
+        if attempts else {}
 
 
 class AttemptClock:
