@@ -58,12 +58,15 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     try:
         code = main(argv)
     except OodrayError as e:
+        _stop_ray()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as e:
+        _stop_ray()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
+        _stop_ray()
         print(str(e) if isinstance(e, Interrupted) else "interrupted; finished work is kept (resume with the same "
               "command)", file=sys.stderr)
         sys.exit(130)
@@ -71,6 +74,20 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         signal.signal(signal.SIGTERM, previous)
         release_all()  # the run locks a command took (oodray.locks.hold) end with it
     sys.exit(code or 0)
+
+
+def _stop_ray() -> None:
+    """Disconnects this process from Ray, when it is connected, before the command's last line: Ray relays its
+    workers' logs to the driver while it shuts down (seen: 70 lines of a Train controller's traceback after an
+    interrupted search's resume line), and the line that says what happened and how to resume must come last.
+    Ray is shut down at exit anyway; this only brings it forward."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.shutdown()
+    except Exception as err:  # noqa: BLE001 - the exit and its message matter more than a clean disconnect
+        logging.getLogger(__name__).debug("ray.shutdown() before exiting failed: %s", err)
 
 
 def _terminate(signum: int, frame: object) -> None:
