@@ -86,8 +86,8 @@ def _stop_ray() -> None:
         return
     try:
         ray.shutdown()
-    except Exception as err:  # noqa: BLE001 - the exit and its message matter more than a clean disconnect
-        logging.getLogger(__name__).debug("ray.shutdown() before exiting failed: %s", err)
+    except BaseException as err:  # noqa: BLE001 - a second Ctrl-C here too: the exit and its line matter more
+        logging.getLogger(__name__).debug("ray.shutdown() before exiting failed: %r", err)
 
 
 def _terminate(signum: int, frame: object) -> None:
