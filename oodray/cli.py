@@ -55,18 +55,19 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Runs a CLI main under the exit policy above. SIGTERM stops it as Ctrl-C does (finished work kept, exit 130)."""
     previous = signal.signal(signal.SIGTERM, _terminate)
+    ours = not _ray_connected()  # a Ray this command connects to is its own to stop; a caller's is left alone
     try:
         code = main(argv)
     except OodrayError as e:
-        _stop_ray()
+        _stop_ray(ours)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as e:
-        _stop_ray()
+        _stop_ray(ours)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        _stop_ray()
+        _stop_ray(ours)
         print(str(e) if isinstance(e, Interrupted) else "interrupted; finished work is kept (resume with the same "
               "command)", file=sys.stderr)
         sys.exit(130)
@@ -76,14 +77,21 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     sys.exit(code or 0)
 
 
-def _stop_ray() -> None:
-    """Disconnects this process from Ray, when it is connected, before the command's last line: Ray relays its
-    workers' logs to the driver while it shuts down (seen: 70 lines of a Train controller's traceback after an
-    interrupted search's resume line), and the line that says what happened and how to resume must come last.
-    Ray is shut down at exit anyway; this only brings it forward."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: a command that did not use Ray is not connected
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_ray(ours: bool) -> None:
+    """Disconnects this process from the Ray it connected to (`ours`: it was not connected before the command ran)
+    before the command's last line: Ray relays its workers' logs to the driver while it shuts down (seen: 70 lines of
+    a Train controller's traceback after an interrupted search's resume line), and the line that says what happened
+    and how to resume must come last. Ray is shut down at exit anyway; this only brings it forward. A Ray the caller
+    had connected (a command run in-process, e.g. from a test or a notebook) is left as it was."""
+    if not ours or not _ray_connected():
         return
+    import ray
+
     try:
         ray.shutdown()
     except BaseException as err:  # noqa: BLE001 - a second Ctrl-C here too: the exit and its line matter more
