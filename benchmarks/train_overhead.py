@@ -144,7 +144,7 @@ def profile_loop(loop_config: dict) -> None:
         if i >= 10:  # the first ones warm gloo up
             bare.append(time.perf_counter() - t0)
     out["bare_allreduce"] = 1000 * statistics.median(bare) if bare else 0.0
-    out["gradient_mb"] = grad.numel() * 4 / 1e6
+    out["gradient_mb"], out["parameters"] = grad.numel() * 4 / 1e6, grad.numel()
     x_val, y_val = eval_subset(splits.val, min(cfg.train.proxy_examples, len(splits.val)), cfg.data.seed)
     t0 = time.perf_counter()  # the proxy as the training loop runs it: split over the ranks, counts all-reduced
     proxy_metrics_over_ranks(cfg, DefendedModel(classifier, raw.eval(), None), x_val, y_val, rank, world,
@@ -217,8 +217,8 @@ def main() -> None:
         for w, m in prof.items():
             print(f"  {w} worker(s): {m['data']:.1f} / {m['step_no_sync']:.1f} / {m['wait_other_rank']:.1f} / "
                   f"{m['step_sync']:.1f}   (synchronisation ~{m['step_sync'] - m['step_no_sync']:.1f} ms in the step"
-                  + (f"; a bare all-reduce of the {m['gradient_mb']:.2f} MB gradient {m['bare_allreduce']:.2f} ms, "
-                     "median of 50" if w > 1 else "")
+                  + (f"; a bare all-reduce of the {m['gradient_mb']:.2f} MB gradient "
+                     f"({m['parameters']:,.0f} parameters) {m['bare_allreduce']:.2f} ms, median of 50" if w > 1 else "")
                   + f"); proxy evaluation {m['proxy_eval_per_epoch_s']:.2f} s per epoch")
     print(load_line(before))
 

@@ -94,8 +94,8 @@ def main() -> None:
         shown[col] = [fmt.format(v) if pd.notna(v) else "" for v in shown[col]]
     shown["eval s"] = shown["eval s"].fillna("")
     print(shown.to_markdown(index=False, floatfmt=".3f"))
-    print("\n`train s`: the defence's training wall seconds (classifier, and translator when there is one). `"
-          + EVAL_SECONDS_NOTE.replace("eval s:", "eval s`:")
+    print("\n`train s`: the defence's training wall seconds (classifier, and translator when there is one). `eval s`: "
+          + EVAL_SECONDS_NOTE
           + ("; " + EVAL_SECONDS_STAR if shown["eval s"].str.endswith("*").any() else "")
           + ". `surrogate s`: the training of the transfer attack's surrogate classifier, not in `eval s`; it is "
           "trained once and shared by every row with the same surrogate config.")

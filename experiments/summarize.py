@@ -73,7 +73,7 @@ def main() -> None:
           "adaptive: the same AutoAttack run on C fills both columns. Shift columns: accuracy of C(T(.)) averaged "
           "over severities 1-5. compute: the defence's whole training compute in forward+backward passes per example "
           "(classifier + translator + its oblivious cache; PGD-k steps count k, see oodray/compute.py); train s: "
-          f"measured training wall seconds (classifier + translator); {EVAL_SECONDS_NOTE}"
+          f"measured training wall seconds (classifier + translator); eval s: {EVAL_SECONDS_NOTE}"
           + (f"; {EVAL_SECONDS_STAR}" if table["eval s"].astype(str).str.endswith("*").any() else "") + ".\n")
     print("Sanity tells of the evaluation (gradient masking, AutoAttack's own warnings):" +
           (" none fired." if not tells else "\n"))

@@ -42,8 +42,11 @@ def recorded_totals(path: Path) -> dict[str, Any]:
     """`wall_seconds_total` and `attempts` of the attempts recorded in `path`; {} when none is (an evaluation finished
     before attempts were recorded: its total is unknown, not 0)."""
     attempts = read_attempts(path)
-    return {"wall_seconds_total": round(sum(a["seconds"] for a in attempts), 1), "attempts": len(attempts)} \
-        if attempts else {}
+    return _totals(attempts) if attempts else {}
+
+
+def _totals(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"wall_seconds_total": round(sum(a["seconds"] for a in attempts), 1), "attempts": len(attempts)}
 
 
 class AttemptClock:
@@ -80,11 +83,10 @@ class AttemptClock:
 
     def totals(self) -> dict[str, Any]:
         """`wall_seconds_total` (every attempt, this one until now) and `attempts` (how many)."""
-        return {"wall_seconds_total": round(sum(a["seconds"] for a in self.earlier) + time.time() - self.t0, 1),
-                "attempts": len(self.earlier) + 1}
+        return _totals([*self.earlier, {"seconds": time.time() - self.t0}])
 
 
-EVAL_SECONDS_NOTE = ("eval s: the evaluation's wall seconds summed over every attempt at it, killed ones included, "
+EVAL_SECONDS_NOTE = ("the evaluation's wall seconds summed over every attempt at it, killed ones included, "
                      "with the number of attempts in brackets (an interrupted evaluation redoes the AutoAttack work "
                      "that was in progress, so this is at most, not exactly, what one uninterrupted run takes)")
 EVAL_SECONDS_STAR = ("a figure marked * is the last attempt's only (evaluated before wall time was summed over "
