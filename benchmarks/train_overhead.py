@@ -179,6 +179,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also time the parts of a training step, 1 and 2 workers")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
+    if args.epochs < 2:  # throughput is timed over the epochs after the first
+        p.error(f"--epochs must be at least 2 (throughput is timed over the epochs after the first), got {args.epochs}")
     before = load()
     init_ray()
     base = resolve_config(args.dataset, overrides=[f"train.epochs={args.epochs}", "train.regime=oblivious",
