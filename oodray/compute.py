@@ -63,6 +63,11 @@ class Compute:
         self.wall_seconds += seconds
         self.device_seconds += seconds * devices
 
+    def merge(self, other: Compute) -> None:
+        """Adds another run's figures (an interrupted run's epochs to its resumption's)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def to_metrics(self) -> dict[str, float]:
         """As reported metrics: `compute_examples`, `compute_passes`, `compute_wall_seconds`,
         `compute_device_seconds`."""

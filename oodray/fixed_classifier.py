@@ -25,7 +25,7 @@ from oodray.attacks import pgd
 from oodray.compute import Compute, classifier_step_passes
 from oodray.config import ExperimentConfig, classifier_key, save_config
 from oodray.data import DatasetInfo, Splits, load_dataset
-from oodray.errors import ConfigError, RunFailed
+from oodray.errors import CheckpointError, ConfigError, RunFailed
 from oodray.io import atomic_write_text, ensure_writable_dir, load_checkpoint, save_checkpoint
 from oodray.metrics import accuracy
 from oodray.models.classifier import (
@@ -44,13 +44,22 @@ from oodray.storage import is_uri, storage_uri
 log = logging.getLogger(__name__)
 
 
+PROGRESS = "training.pt"  # an in-process training's state after its last finished epoch, beside classifier.pt
+
+
 def classifier_path(cfg: ExperimentConfig) -> Path:
     return cfg.resolved_cache_dir() / "classifiers" / classifier_key(cfg) / "classifier.pt"
 
 
-def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | None = None) -> Classifier:
+def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | None = None,
+                     progress: Path | None = None) -> Classifier:
     """Adam on cross-entropy; with `classifier.adversarial` = pgd (Madry) or trades, on PGD examples. The training
-    compute (examples, passes: adv_steps + 1 per example when adversarial, wall seconds) is added to `compute`."""
+    compute (examples, passes: adv_steps + 1 per example when adversarial, wall seconds) is added to `compute`.
+
+    With `progress` (a file), the state after every epoch (weights, optimizer, scheduler, random generators, compute
+    so far) is written there atomically, and a run that finds it resumes after that epoch: an interrupted
+    adversarial training loses at most one epoch, and the resumed run ends with the same weights as an uninterrupted
+    one. The caller removes the file once the classifier is saved."""
     c = cfg.classifier
     compute = compute if compute is not None else Compute()
     passes = classifier_step_passes(c.adversarial, c.adv_steps)
@@ -68,7 +77,8 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | N
     g = torch.Generator().manual_seed(c.seed)
     loader = DataLoader(splits.train, batch_size=c.batch_size, shuffle=True, generator=g, drop_last=False)
     eps = c.adv_eps or cfg.attack.eps
-    for epoch in range(c.epochs):
+    start = _resume_epoch(progress, model, opt, sched, g, compute, c.epochs) if progress is not None else 0
+    for epoch in range(start, c.epochs):
         model.train()
         t0, total, n = time.time(), 0.0, 0
         for x, y in loader:
@@ -87,8 +97,38 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | N
         model.eval()
         log.info("classifier epoch %d/%d loss %.4f val acc %.4f (%.1fs)", epoch + 1, c.epochs, total / n,
                  accuracy(model, splits.val), time.time() - t0)
+        if progress is not None:
+            save_checkpoint({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "generator": g.get_state(),
+                             "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "epochs": c.epochs,
+                             "metrics": compute.to_metrics()}, progress)
     # back to NCHW: the C returned here is the C every later load of the cache file gives (same layout, same rounding)
     return freeze(model.to(memory_format=torch.contiguous_format))
+
+
+def _resume_epoch(progress: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                  sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator, compute: Compute,
+                  epochs: int) -> int:
+    """Loads `progress` (written by train_classifier after an epoch) into the training state; returns the epoch to
+    start from (0 when there is no file). The file lives in the classifier's cache directory, whose name is the hash
+    of the config, so it belongs to this very training; a file that cannot be read is a one-line error naming it."""
+    if not progress.exists():
+        return 0
+    try:
+        state = load_checkpoint(progress, what="interrupted classifier training")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; delete it to start this training over") from None
+    if int(state.get("epochs", -1)) != epochs:
+        raise ConfigError(f"interrupted classifier training '{progress}' was for {state.get('epochs')} epochs, "
+                          f"this run is for {epochs}; delete it to start over")
+    model.load_state_dict(state["state_dict"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    g.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    compute.merge(Compute.from_metrics(state["metrics"]))  # the epochs done before the interruption
+    log.info("classifier training resumed after epoch %d/%d from %s", state["epoch"], epochs, progress)
+    return int(state["epoch"])
 
 
 def _adversarial_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float, norm: str,
@@ -171,6 +211,9 @@ def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train
                           f"--dataset {cfg.data.name}")
     check_classifier_config(cfg)
     ensure_writable_dir(path.parent, "classifier cache directory")
+    progress = path.parent / PROGRESS
+    if force:
+        progress.unlink(missing_ok=True)  # retrain from scratch, not from an interrupted run's epoch
     t0 = time.time()
     if cfg.classifier.workers > 0 and cfg.classifier.epochs > 0:
         model, metrics = train_classifier_ray(cfg)  # accuracies and compute measured by the workers
@@ -178,7 +221,7 @@ def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train
     else:
         splits = splits or load_dataset(cfg.data)
         compute = Compute()
-        model = train_classifier(cfg, splits, compute)
+        model = train_classifier(cfg, splits, compute, progress=progress)
         test_acc = accuracy(model, splits.test)
         metrics = {"test_accuracy": test_acc, "val_accuracy": accuracy(model, splits.val),
                    "test_examples": len(splits.test), **compute.to_metrics()}
@@ -186,6 +229,7 @@ def get_classifier(cfg: ExperimentConfig, splits: Splits | None = None, *, train
     save_classifier(model, path, cfg.to_dict(), metrics)
     save_config(cfg, path.parent)
     atomic_write_text(path.parent / "metrics.json", json.dumps(metrics, indent=2))
+    progress.unlink(missing_ok=True)
     log.info("saved fixed classifier to %s (test acc %.4f)", path, test_acc)
     return model, path
 

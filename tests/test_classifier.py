@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import pytest
@@ -94,3 +95,41 @@ def test_cli_unwritable_cache_dir(tmp_path):
     blocker.write_text("not a directory")  # unwritable even for root
     proc = run_cli("oodray.classifier", "--dataset", "synthetic", "--seed", "7", "--cache-dir", str(blocker / "c"))
     assert_one_line_error(proc, "not writable", str(blocker))
+
+
+def test_interrupted_classifier_training_resumes_to_the_same_weights(monkeypatch, tmp_path):
+    """An in-process (adversarial) training killed after an epoch resumes from that epoch and ends with exactly the
+    weights and compute of an uninterrupted run; a corrupt progress file is a one-line error naming it."""
+    import oodray.fixed_classifier as fc
+
+    over = ["classifier.epochs=3", "classifier.adversarial=pgd", "classifier.adv_steps=2", "classifier.seed=5"]
+    whole, whole_path = get_classifier(resolve_config("synthetic", overrides=[*over, f"cache_dir={tmp_path / 'a'}"]))
+    cfg = resolve_config("synthetic", overrides=[*over, f"cache_dir={tmp_path / 'b'}"])
+    progress = classifier_path(cfg).parent / fc.PROGRESS
+    real_save = fc.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt  # as a kill right after the first epoch's state is written
+
+    monkeypatch.setattr(fc, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        get_classifier(cfg)
+    monkeypatch.setattr(fc, "save_checkpoint", real_save)
+    assert progress.exists() and not classifier_path(cfg).exists()
+    resumed, path = get_classifier(cfg)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not progress.exists()  # removed once the classifier is saved
+    m0, m1 = (json.loads((p.parent / "metrics.json").read_text()) for p in (whole_path, path))
+    assert m1["compute_examples"] == m0["compute_examples"] > 0  # the first epoch counted once, not lost or twice
+    assert m1["compute_passes"] == m0["compute_passes"] == 3 * m0["compute_examples"]  # PGD-2: 3 passes each
+
+    path.unlink()
+    progress.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"training '.*{progress.name}'.*start this training over"):
+        get_classifier(cfg)
+    proc = run_cli("oodray.classifier", "--dataset", "synthetic", "--epochs", "3", "--adversarial", "pgd",
+                   "--set", "classifier.adv_steps=2", "--seed", "5", "--cache-dir", str(tmp_path / "b"))
+    assert_one_line_error(proc, str(progress), "delete it")
