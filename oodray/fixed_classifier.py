@@ -77,7 +77,7 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | N
     g = torch.Generator().manual_seed(c.seed)
     loader = DataLoader(splits.train, batch_size=c.batch_size, shuffle=True, generator=g, drop_last=False)
     eps = c.adv_eps or cfg.attack.eps
-    start = _resume_epoch(progress, model, opt, sched, g, compute, c.epochs) if progress is not None else 0
+    start = _resume_epoch(progress, model, opt, sched, g, compute) if progress is not None else 0
     for epoch in range(start, c.epochs):
         model.train()
         t0, total, n = time.time(), 0.0, 0
@@ -100,35 +100,40 @@ def train_classifier(cfg: ExperimentConfig, splits: Splits, compute: Compute | N
         if progress is not None:
             save_checkpoint({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "generator": g.get_state(),
-                             "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "epochs": c.epochs,
+                             "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
                              "metrics": compute.to_metrics()}, progress)
     # back to NCHW: the C returned here is the C every later load of the cache file gives (same layout, same rounding)
     return freeze(model.to(memory_format=torch.contiguous_format))
 
 
 def _resume_epoch(progress: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                  sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator, compute: Compute,
-                  epochs: int) -> int:
+                  sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator, compute: Compute) -> int:
     """Loads `progress` (written by train_classifier after an epoch) into the training state; returns the epoch to
     start from (0 when there is no file). The file lives in the classifier's cache directory, whose name is the hash
-    of the config, so it belongs to this very training; a file that cannot be read is a one-line error naming it."""
+    of the config (epochs included), so it belongs to this very training; a file that cannot be read is a one-line
+    error naming it."""
     if not progress.exists():
         return 0
     try:
         state = load_checkpoint(progress, what="interrupted classifier training")
     except CheckpointError as e:
         raise CheckpointError(f"{e}; delete it to start this training over") from None
-    if int(state.get("epochs", -1)) != epochs:
-        raise ConfigError(f"interrupted classifier training '{progress}' was for {state.get('epochs')} epochs, "
-                          f"this run is for {epochs}; delete it to start over")
+    start, done = _restore_training(state, model, opt, sched)
+    g.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    compute.merge(done)  # the epochs done before the interruption
+    log.info("classifier training resumed after epoch %d from %s", start, progress)
+    return start
+
+
+def _restore_training(state: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
+                      sched: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, Compute]:
+    """A training checkpoint (in-process or Ray Train) loaded into model, optimizer and scheduler: the epochs it had
+    finished, and the compute they spent."""
     model.load_state_dict(state["state_dict"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    g.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    compute.merge(Compute.from_metrics(state["metrics"]))  # the epochs done before the interruption
-    log.info("classifier training resumed after epoch %d/%d from %s", state["epoch"], epochs, progress)
-    return int(state["epoch"])
+    return int(state["epoch"]), Compute.from_metrics(state.get("metrics"))
 
 
 def _adversarial_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, eps: float, norm: str,
@@ -267,16 +272,12 @@ def classifier_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_classifier(c.arch, splits.info, c.weights)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
-    start = 0
+    start, compute = 0, Compute()  # cumulative, resumes included
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT, what="classifier training checkpoint")
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["epoch"])
-    compute = Compute.from_metrics(state.get("metrics") if ckpt else None)  # cumulative, resumes included
+        start, compute = _restore_training(state, model, opt, sched)
     passes = classifier_step_passes(c.adversarial, c.adv_steps)
     use_amp = cfg.train.amp and device.type == "cuda"
     raw = fast_layout(model, use_channels_last(cfg.train.channels_last, device, splits.info.image_size))
