@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
-from spread import Spread, load, load_line  # noqa: E402
+from spread import Spread, load_line, settle  # noqa: E402
 
 from oodray.classifier import get_classifier  # noqa: E402
 from oodray.config import resolve_config  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--overhead-tasks", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3, help="runs of each mode, in alternating order")
     args = p.parse_args()
-    before = load()
+    before = settle()
     k = args.shards
     cfg = resolve_config("digits", overrides=[
         "translator.arch=identity", f"eval.n_examples={args.n_examples}", "eval.threat_models=[oblivious]",

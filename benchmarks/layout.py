@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from spread import Spread, interleaved, load, load_line  # puts the repository on sys.path
+from spread import Spread, interleaved, load_line, settle  # puts the repository on sys.path
 
 from oodray.attacks import pgd
 from oodray.config import resolve_config
@@ -49,7 +49,7 @@ def main() -> None:
                    help="random RGB images of this size, no data read (cifar10, imagenet; imagenet needs it)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
-    before = load()
+    before = settle()
     torch.set_num_threads(args.threads)
     cfg = resolve_config(args.dataset, overrides=["train.regime=oblivious", *args.overrides])
     if args.size is not None or args.dataset == "imagenet":  # the preset's models on random images: no data read

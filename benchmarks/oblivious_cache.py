@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from spread import Spread, fit_split, interleaved, load, load_line  # puts the repository on sys.path
+from spread import Spread, fit_split, interleaved, load_line, settle  # puts the repository on sys.path
 
 from oodray.classifier import get_classifier
 from oodray.config import resolve_config
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
-    before = load()
+    before = settle()
     init_ray()
     base = resolve_config(args.dataset, overrides=["train.regime=oblivious", *args.overrides])
     _, cpath = get_classifier(base)  # trained into the user's cache if missing; outside the timing

@@ -1,7 +1,8 @@
 """What every benchmark here shares: sides measured interleaved (A B, then B A, ...) so that drift in the machine's
 load hits all of them alike, repeated, and reported as median with min-max, with the load average before and after.
 
-    from spread import Spread, interleaved, load_line
+    from spread import Spread, interleaved, load_line, settle
+    before = settle()                      # waits for a quiet machine; returns the load average
     runs = interleaved({"plain": measure_plain, "ray": measure_ray}, repeats=3)   # {"plain": [v, v, v], ...}
     print(Spread(runs["plain"]).fmt("{:.0f}"), load_line(before))
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,15 +58,19 @@ class Spread:
 
 def interleaved(sides: dict[str, Callable[[], Any]], repeats: int, *, log: Callable[[str], None] = print,
                 ) -> dict[str, list[Any]]:
-    """Runs every side `repeats` times, in the order A B C, then C B A, then A B C...; returns each side's results."""
+    """Runs every side `repeats` times, in the order A B C, then C B A, then A B C...; returns each side's results.
+    Before each side it waits (at most 60 s) for the CPUs to settle, so that one side's exiting processes (a Ray
+    fit's workers) are not measured as the next side's load."""
     if repeats < 1:
         raise SystemExit(f"--repeats={repeats}: must be at least 1 (3 or more to report a spread)")
     names = list(sides)
     out: dict[str, list[Any]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names if r % 2 == 0 else names[::-1]:
+            busy, waited = _wait_quiet(0.25, 60.0)
             out[n].append(sides[n]())
-            log(f"  repeat {r + 1}/{repeats} {n}: {_short(out[n][-1])}   (load {load():.2f})")
+            log(f"  repeat {r + 1}/{repeats} {n}: {_short(out[n][-1])}   (load {load():.2f}; before it {busy:.2f} "
+                f"CPUs busy after {waited:.0f} s of waiting)")
     return out
 
 
@@ -73,9 +79,51 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def busy_cpus(window: float = 2.0) -> float:
+    """CPUs in use, averaged over the next `window` seconds (Linux /proc/stat; every process on the machine)."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+
+    (t0, i0), _, (t1, i1) = ticks(), time.sleep(window), ticks()
+    return (os.cpu_count() or 1) * (1.0 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def _wait_quiet(max_busy: float, timeout: float) -> tuple[float, float]:
+    t0, busy = time.monotonic(), busy_cpus()
+    while busy > max_busy and time.monotonic() - t0 < timeout:
+        busy = busy_cpus()
+    return busy, time.monotonic() - t0
+
+
+def settle(max_busy: float = 0.25, timeout: float = 300.0, log: Callable[[str], None] = print) -> float:
+    """Waits until the machine is quiet (under `max_busy` CPUs in use over 2 s) or `timeout` seconds have passed, and
+    returns the 1-minute load average then. Unlike the load average, which decays over minutes, this sees at once
+    that an earlier run's processes (Ray's, a previous benchmark's) have exited. A machine that stays busy is named
+    in the log, and the run goes on: its figures then carry that load (printed with them)."""
+    busy, waited = _wait_quiet(max_busy, timeout)
+    state = "quiet" if busy <= max_busy else f"STILL BUSY after {timeout:.0f} s, measuring anyway"
+    log(f"machine {state}: {busy:.2f} of {os.cpu_count()} CPUs in use (waited {waited:.0f} s)")
+    return load()
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension (figures differ between CPU models: compare runs on
+    the same one)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    vec = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
+    return f"{name}{f' ({vec})' if vec else ''}"
+
+
 def load_line(before: float) -> str:
-    return (f"machine: {os.cpu_count()} CPUs, 1-min load average {before:.2f} before, {load():.2f} after "
-            "(a busy machine skews wall-clock figures; compare runs made at similar load)")
+    return (f"machine: {cpu_model()}, {os.cpu_count()} CPUs, 1-min load average {before:.2f} before, {load():.2f} "
+            "after (a busy machine skews wall-clock figures; compare runs made at similar load, on the same CPU)")
 
 
 def process_tree(root: int) -> list[int]:

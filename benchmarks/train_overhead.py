@@ -28,7 +28,7 @@ import tempfile
 import time
 
 import torch
-from spread import Spread, fit_split, interleaved, load, load_line  # puts the repository on sys.path for what follows
+from spread import Spread, fit_split, interleaved, load_line, settle  # puts the repository on sys.path for what follows
 from torch.utils.data import DataLoader
 
 from oodray.cache import ObliviousCache, ensure_oblivious_cache
@@ -181,7 +181,7 @@ def main() -> None:
     args = p.parse_args()
     if args.epochs < 2:  # throughput is timed over the epochs after the first
         p.error(f"--epochs must be at least 2 (throughput is timed over the epochs after the first), got {args.epochs}")
-    before = load()
+    before = settle()
     init_ray()
     base = resolve_config(args.dataset, overrides=[f"train.epochs={args.epochs}", "train.regime=oblivious",
                                                    "train.cpus_per_worker=1", *args.overrides])

@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from spread import Spread, load, load_line  # puts the repository on sys.path for what follows
+from spread import Spread, load, load_line, settle  # puts the repository on sys.path for what follows
 
 from oodray.attacks import pgd
 from oodray.classifier import get_classifier
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--storage", default="/tmp/oodray-quality")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (train.seed), each a repeat")
     args = p.parse_args()
-    before = load()
+    before = settle()
     init_ray()
     rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
