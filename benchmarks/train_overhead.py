@@ -1,7 +1,7 @@
 """Ray Train's cost, measured side by side in one run: the same translator training step in plain PyTorch vs under a
 1-worker TorchTrainer (throughput ratio), data-parallel scaling 1 -> 2 workers, and where the fixed cost of a fit goes.
 
-    python benchmarks/train_overhead.py                      # digits U-Net, batch 64/worker, 3 epochs, 3 repeats
+    python benchmarks/train_overhead.py                      # digits U-Net, batch 64/worker, 3 epochs, 5 repeats
     python benchmarks/train_overhead.py --dataset fashion-mnist --set train.max_batches=60 --set train.batch_size=128
     python benchmarks/train_overhead.py --profile            # + the per-step split of 1 and 2 workers
 
@@ -175,7 +175,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also time the parts of a training step, 1 and 2 workers")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
