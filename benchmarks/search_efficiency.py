@@ -16,6 +16,7 @@ machine; its wall time is printed for planning.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,7 @@ def main() -> None:
         print(f"{sched:14s} spent {Spread(spent[sched]).fmt()}   reached FIFO's best after "
               f"{Spread(reach[sched]).fmt()}   (target <= 0.33)")
     print(f"wall time {time.time() - t_start:.0f} s; {load_line(before)}")
+    shutil.rmtree(storage, ignore_errors=True)  # the searches' trials: every figure is printed above
 
 
 if __name__ == "__main__":

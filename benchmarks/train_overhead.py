@@ -23,6 +23,7 @@ a barrier (the transfer alone); plus the proxy evaluation per epoch.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -223,6 +224,7 @@ def main() -> None:
                      f"({m['parameters']:,.0f} parameters) {m['bare_allreduce']:.2f} ms, median of 50" if w > 1 else "")
                   + f"); proxy evaluation {m['proxy_eval_per_epoch_s']:.2f} s per epoch")
     print(load_line(before))
+    shutil.rmtree(storage, ignore_errors=True)  # the fits' checkpoints: nothing here is read again
 
 
 if __name__ == "__main__":
