@@ -137,6 +137,45 @@ def _check_reachable(address: str) -> None:
                           "or unset RAY_ADDRESS to run on a local Ray") from None
 
 
+def release_orphaned_placement_groups(first_seen: dict[str, float], grace_s: float, now: float) -> list[str]:
+    """Removes this job's placement groups that have held their resources with no live actor in them for `grace_s`
+    seconds (since the first call that saw them empty); returns the ids removed. `first_seen` is the caller's
+    memory between calls (id -> `now` when first seen empty).
+
+    Why: when Tune stops a trial (ASHA), Ray Train 2.60's controller first tells its `PlacementGroupCleaner` to exit
+    without cleaning, then removes its worker group's placement group; Tune kills the trial, and with it the
+    controller, in between often enough (seen on 2 CPUs: the 4th trial of an ASHA search) that the group stays,
+    holding a worker's CPUs. The next trial's worker group then waits for CPUs that never free up: every 600 s
+    its start times out and is retried, and the search hangs. Only this job's groups are looked at (never another
+    user's on a shared cluster), and only ones that stayed empty for the whole grace period: a worker group's
+    actors are placed within seconds of its group being created, and Tune's trial groups hold the trial's actor.
+    Needs Ray's state API (the dashboard): without it this raises, and the caller decides."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors, list_placement_groups
+
+    address = ray.get_runtime_context().gcs_address  # not a search for GCS processes (see pin_ray_address)
+    job = ray.get_runtime_context().get_job_id()
+    limit = 10_000  # the state API's maximum
+    groups = list_placement_groups(address=address, filters=[("state", "=", "CREATED")], detail=True, limit=limit,
+                                   raise_on_missing_output=False)
+    actors = list_actors(address=address, filters=[("state", "!=", "DEAD")], detail=True, limit=limit,
+                         raise_on_missing_output=False)
+    if len(groups) >= limit or len(actors) >= limit:
+        return []  # a truncated list could make a group in use look empty: remove nothing
+    mine = {g.placement_group_id for g in groups if g.creator_job_id == job}
+    empty = mine - {a.placement_group_id for a in actors if a.placement_group_id}
+    for pg in set(first_seen) - empty:
+        del first_seen[pg]
+    removed = []
+    for pg in sorted(empty):
+        if now - first_seen.setdefault(pg, now) >= grace_s:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+            del first_seen[pg]
+            removed.append(pg)
+    return removed
+
+
 def local_resources() -> dict[str, float] | None:
     """The CPUs and GPUs a local Ray started by `init_ray` would have; None when RAY_ADDRESS names a cluster."""
     if os.environ.get("RAY_ADDRESS"):

@@ -57,7 +57,7 @@ from oodray.results import (
     write_outputs,
 )
 from oodray.runtime import check_resources, cluster_capacity, ensure_cluster_can_hold, init_ray
-from oodray.schedulers import ResumableASHA
+from oodray.schedulers import ReleaseOrphanedPlacementGroups, ResumableASHA
 from oodray.search_space import (
     CONDITIONAL,
     SPACE,
@@ -238,7 +238,8 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=1), **live),
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  callbacks=[ReleaseOrphanedPlacementGroups()], **live),
     )
     with _graceful_stop():
         return tuner.fit()

@@ -372,6 +372,52 @@ def test_state_api_in_workers_finds_its_own_cluster_beside_another_ray(tmp_path)
     assert proc.returncode == 0 and "alive True" in proc.stdout, proc.stderr[-3000:]
 
 
+ORPHAN_PROBE = """
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from oodray.runtime import init_ray, release_orphaned_placement_groups
+init_ray(num_cpus=2)
+
+@ray.remote(num_cpus=1)
+class Worker:
+    def ping(self):
+        return 1
+
+left = placement_group([{"CPU": 1}])  # what a stopped trial's worker group leaves: reserved, no actor in it
+used = placement_group([{"CPU": 1}])
+ray.get([left.ready(), used.ready()])
+w = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
+ray.get(w.ping.remote())
+seen = {}
+print("first", release_orphaned_placement_groups(seen, grace_s=60, now=0.0), flush=True)
+print("early", release_orphaned_placement_groups(seen, grace_s=60, now=59.0), flush=True)
+print("late", release_orphaned_placement_groups(seen, grace_s=60, now=61.0), flush=True)
+table = ray.util.placement_group_table()
+print("states", table[left.id.hex()]["state"], table[used.id.hex()]["state"], flush=True)
+print("ids", left.id.hex(), flush=True)
+# the CPU it held can be had again: a 1-CPU actor outside any group starts (it could not while the group held it)
+ray.get(Worker.remote().ping.remote(), timeout=120)
+print("freed", flush=True)
+"""
+
+
+def test_placement_group_left_by_a_stopped_trial_is_released_and_its_cpu_freed():
+    """A Tune-stopped trial can leave its worker group's placement group behind (Ray Train's cleaner told to exit,
+    then the controller killed before it removed the group); the next trial then waits for CPUs forever. The search's
+    callback removes this job's groups that stayed empty for the grace period, and only those."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", ORPHAN_PROBE], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    left = out["ids"]
+    assert out["first"] == "[]" and out["early"] == "[]"  # empty, but not for the whole grace period yet
+    assert out["late"] == f"['{left}']"  # the empty group only, not the one with a live actor
+    assert out["states"] == "REMOVED CREATED"
+    assert "freed" in proc.stdout
+
+
 # --- Ctrl-C / SIGTERM: a prompt stop, exit 130, nothing of ours left running, and a resume equal to no interruption ---
 
 SIGNAL_TUNE = ["-m", "oodray.tune", "--dataset", "synthetic", "--num-samples", "2", "--epochs", "2",
