@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `python benchmarks/x.py`
+QUIET_CPUS = 0.25  # a machine with fewer CPUs busy than this (over 2 s) counts as quiet
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def interleaved(sides: dict[str, Callable[[], Any]], repeats: int, *, log: Calla
     out: dict[str, list[Any]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names if r % 2 == 0 else names[::-1]:
-            busy, waited = _wait_quiet(0.25, 60.0)
+            busy, waited = _wait_quiet(QUIET_CPUS, 60.0)
             out[n].append(sides[n]())
             log(f"  repeat {r + 1}/{repeats} {n}: {_short(out[n][-1])}   (load {load():.2f}; before it {busy:.2f} "
                 f"CPUs busy after {waited:.0f} s of waiting)")
@@ -97,7 +98,7 @@ def _wait_quiet(max_busy: float, timeout: float) -> tuple[float, float]:
     return busy, time.monotonic() - t0
 
 
-def settle(max_busy: float = 0.25, timeout: float = 300.0, log: Callable[[str], None] = print) -> float:
+def settle(max_busy: float = QUIET_CPUS, timeout: float = 300.0, log: Callable[[str], None] = print) -> float:
     """Waits until the machine is quiet (under `max_busy` CPUs in use over 2 s) or `timeout` seconds have passed, and
     returns the 1-minute load average then. Unlike the load average, which decays over minutes, this sees at once
     that an earlier run's processes (Ray's, a previous benchmark's) have exited. A machine that stays busy is named
