@@ -7,17 +7,22 @@ load hits all of them alike, repeated, and reported as median with min-max, with
     print(Spread(runs["plain"]).fmt("{:.0f}"), load_line(before))
 
 A figure is only quoted with its spread; two runs of a benchmark agree when each median lies inside the other's
-min-max.
+min-max. That rule fails by chance too, more often with fewer repeats: `python benchmarks/spread.py` prints how often
+two runs of n repeats from one unchanging machine disagree by it.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
+import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +171,44 @@ def fit_split(result: Any, t_fit: float, t_done: float) -> dict[str, float]:
            "checkpoints": float(last["checkpoint_write_seconds_total"]), "end": t_done - float(last["reported_at"])}
     out["between"] = wall - sum(out[k] for k in ("start", "setup", "train", "proxy", "checkpoints", "end"))
     return out
+
+
+def agreement_chance(n: int, draws: int = 100_000, seed: int = 0) -> tuple[float, float]:
+    """How often two runs of `n` repeats each, drawn from one unchanging distribution, pass the agreement rule:
+    (the second run's median inside the first's min-max, each run's median inside the other's). For odd n it is exact
+    and the same for every continuous distribution (only the ranks of the 2n values matter: all splits of them into
+    two runs are enumerated); for even n, whose median averages two values, it is estimated from `draws` pairs of runs
+    of normal values."""
+    if n < 1:
+        raise ValueError(f"n={n}: a run has at least 1 repeat")
+
+    def passes(a: list[float], b: list[float]) -> tuple[bool, bool]:
+        one = min(a) <= statistics.median(b) <= max(a)
+        return one, one and min(b) <= statistics.median(a) <= max(b)
+
+    if n % 2 and math.comb(2 * n, n) <= 1_000_000:
+        ranks = range(2 * n)
+        outcomes = [passes(list(a), [r for r in ranks if r not in a]) for a in combinations(ranks, n)]
+    else:
+        rng = random.Random(seed)
+        outcomes = [passes([rng.gauss(0, 1) for _ in range(n)], [rng.gauss(0, 1) for _ in range(n)])
+                    for _ in range(draws)]
+    return (sum(o for o, _ in outcomes) / len(outcomes), sum(b for _, b in outcomes) / len(outcomes))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="How often two runs of an unchanged benchmark fail the agreement rule "
+                                "(each median inside the other run's min-max) by chance alone, per number of repeats.")
+    p.add_argument("--repeats", type=int, nargs="+", default=[2, 3, 4, 5, 7, 9])
+    args = p.parse_args()
+    if bad := [n for n in args.repeats if n < 1]:
+        p.error(f"--repeats {bad[0]}: a run has at least 1 repeat")
+    print("repeats   2nd median in 1st's range   both medians in each other's range   (nothing changed between runs)")
+    for n in args.repeats:
+        one, both = agreement_chance(n)
+        how = "exact" if n % 2 else "normal values, 100,000 draws"
+        print(f"{n:>7}   {one:>26.2f}   {both:>34.2f}   ({how})")
+
+
+if __name__ == "__main__":
+    main()
