@@ -173,12 +173,17 @@ def fit_split(result: Any, t_fit: float, t_done: float) -> dict[str, float]:
     return out
 
 
+def agreement_is_exact(n: int) -> bool:
+    """Whether `agreement_chance(n)` enumerates (odd n, up to a million splits) rather than samples."""
+    return n % 2 == 1 and math.comb(2 * n, n) <= 1_000_000
+
+
 def agreement_chance(n: int, draws: int = 100_000, seed: int = 0) -> tuple[float, float]:
-    """How often two runs of `n` repeats each, drawn from one unchanging distribution, pass the agreement rule:
-    (the second run's median inside the first's min-max, each run's median inside the other's). For odd n it is exact
-    and the same for every continuous distribution (only the ranks of the 2n values matter: all splits of them into
-    two runs are enumerated); for even n, whose median averages two values, it is estimated from `draws` pairs of runs
-    of normal values."""
+    """How often two runs of `n` repeats each, drawn from one unchanging distribution, pass the agreement rule, as
+    (the second run's median inside the first's min-max, each run's median inside the other's). When exact (odd n),
+    it is the same for every continuous distribution: only the ranks of the 2n values matter, and every split of them
+    into two runs is enumerated. Otherwise (even n, whose median averages two values, or very large n) it is estimated
+    from `draws` pairs of runs of normal values."""
     if n < 1:
         raise ValueError(f"n={n}: a run has at least 1 repeat")
 
@@ -186,7 +191,7 @@ def agreement_chance(n: int, draws: int = 100_000, seed: int = 0) -> tuple[float
         one = min(a) <= statistics.median(b) <= max(a)
         return one, one and min(b) <= statistics.median(a) <= max(b)
 
-    if n % 2 and math.comb(2 * n, n) <= 1_000_000:
+    if agreement_is_exact(n):
         ranks = range(2 * n)
         outcomes = [passes(list(a), [r for r in ranks if r not in a]) for a in combinations(ranks, n)]
     else:
@@ -206,7 +211,7 @@ def main() -> None:
     print("repeats   2nd median in 1st's range   both medians in each other's range   (nothing changed between runs)")
     for n in args.repeats:
         one, both = agreement_chance(n)
-        how = "exact" if n % 2 else "normal values, 100,000 draws"
+        how = "exact" if agreement_is_exact(n) else "normal values, 100,000 draws"
         print(f"{n:>7}   {one:>26.2f}   {both:>34.2f}   ({how})")
 
 
