@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `python benchmarks/x.py`
 QUIET_CPUS = 0.25  # a machine with fewer CPUs busy than this (over 2 s) counts as quiet
+DRAWS = 100_000  # pairs of runs that agreement_chance samples where it cannot enumerate
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def agreement_is_exact(n: int) -> bool:
     return n % 2 == 1 and math.comb(2 * n, n) <= 1_000_000
 
 
-def agreement_chance(n: int, draws: int = 100_000, seed: int = 0) -> tuple[float, float]:
+def agreement_chance(n: int, draws: int = DRAWS, seed: int = 0) -> tuple[float, float]:
     """How often two runs of `n` repeats each, drawn from one unchanging distribution, pass the agreement rule, as
     (the second run's median inside the first's min-max, each run's median inside the other's). When exact (odd n),
     it is the same for every continuous distribution: only the ranks of the 2n values matter, and every split of them
@@ -211,7 +212,7 @@ def main() -> None:
     print("repeats   2nd median in 1st's range   both medians in each other's range   (nothing changed between runs)")
     for n in args.repeats:
         one, both = agreement_chance(n)
-        how = "exact" if agreement_is_exact(n) else "normal values, 100,000 draws"
+        how = "exact" if agreement_is_exact(n) else f"normal values, {DRAWS:,} draws"
         print(f"{n:>7}   {one:>26.2f}   {both:>34.2f}   ({how})")
 
 
