@@ -89,14 +89,20 @@ def test_bohb_refusals(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("tune")
-    proc = run_cli("oodray.tune", *TINY, "--storage", str(storage), "--name", "tiny")
+    """The tiny search, stored at a URI (file:// here; s3:// and gs:// take the same pyarrow path): Tune and Train write
+    there, oodray's files are staged in --local-dir and mirrored. Returns (the stored experiment as a local path, the
+    run, the arguments that name its storage, the staged copy)."""
+    root = tmp_path_factory.mktemp("tune")
+    where = ["--storage", f"file://{root / 'bucket'}", "--local-dir", str(root / "stage")]
+    proc = run_cli("oodray.tune", *TINY, *where, "--name", "tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return storage / "tiny", proc
+    return root / "bucket" / "tiny", proc, where, root / "stage" / "tiny"
 
 
 def test_tiny_search_yields_a_full_table(experiment):
-    exp, proc = experiment
+    exp, proc, _, _ = experiment
+    assert (exp / "tuner.pkl").exists() and list(exp.glob("train/trial-*/checkpoint_*/translator.pt"))
+    assert (exp / "eval" / "undefended" / "summary.json").exists()
     table = pd.read_csv(exp / "results.csv")
     trials = table[table["trial"] != "undefended"]
     assert len(trials) == 2 and (table["trial"] == "undefended").sum() == 1
@@ -119,28 +125,36 @@ def test_tiny_search_yields_a_full_table(experiment):
 
 
 def test_resume_does_not_rerun_finished_work(experiment):
-    exp, _ = experiment
+    """Resuming a finished experiment from its URI trains nothing again (the stored checkpoints are untouched) and
+    evaluates nothing again (the staged evaluation files, where evaluations write, are untouched)."""
+    exp, _, where, staged = experiment
     before = {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")}
-    summaries = {p: p.stat().st_mtime for p in exp.glob("eval/*/*.json")}
-    proc = run_cli("oodray.tune", *TINY, "--storage", str(exp.parent), "--name", "tiny", "--resume")
+    summaries = {p: p.stat().st_mtime for p in staged.glob("eval/*/*.json")}
+    assert before and summaries
+    proc = run_cli("oodray.tune", *TINY, *where, "--name", "tiny", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")} == before
-    assert {p: p.stat().st_mtime for p in exp.glob("eval/*/*.json")} == summaries
+    assert {p: p.stat().st_mtime for p in staged.glob("eval/*/*.json")} == summaries
     assert len(pd.read_csv(exp / "results.csv")) == 3
 
 
 def test_results_cli_reads_an_earlier_experiment(experiment, tmp_path):
-    exp, _ = experiment
+    exp, _, where, _ = experiment
     proc = run_cli("oodray.results", str(exp), "--compare", str(exp))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trial-" in proc.stdout and "undefended" in proc.stdout
+    uri = where[1] + "/tiny"  # read back from the URI into another local directory
+    proc = run_cli("oodray.results", uri, "--local-dir", str(tmp_path / "read"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "read" / "tiny" / "results.csv")) == 3  # two trials and the undefended row
+    assert_one_line_error(run_cli("oodray.results", where[1] + "/nope"), "does not exist")
     assert_one_line_error(run_cli("oodray.results", str(tmp_path / "nope")), "does not exist")
     assert_one_line_error(run_cli("oodray.results", str(tmp_path)), "not an oodray experiment")
 
 
 def test_existing_experiment_is_not_overwritten(experiment):
-    exp, _ = experiment
-    proc = run_cli("oodray.tune", *TINY, "--storage", str(exp.parent), "--name", "tiny")
+    exp, _, where, _ = experiment
+    proc = run_cli("oodray.tune", *TINY, *where, "--name", "tiny")
     assert_one_line_error(proc, "already exists", "--resume")
     assert (exp / "results.csv").exists()
 
@@ -155,23 +169,6 @@ def test_bad_inputs_exit_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_error(run_cli("oodray.tune", "--dataset", "synthetic", "--storage", str(blocker)), "not writable")
-
-
-def test_uri_storage_writes_there_and_results_read_it_back(tmp_path):
-    """A storage URI (file:// here; s3:// and gs:// take the same pyarrow path): Tune and Train write to it,
-    oodray's files are staged locally and mirrored, and `oodray.results URI` reads the experiment back."""
-    uri = f"file://{tmp_path / 'bucket'}"
-    # One trial is enough to show the storage path (TINY's two cost about 45 s more).
-    proc = run_cli("oodray.tune", *TINY, "--num-samples", "1", "--storage", uri, "--local-dir", str(tmp_path / "stage"),
-                   "--name", "u")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    remote = tmp_path / "bucket" / "u"
-    assert (remote / "tuner.pkl").exists() and list(remote.glob("train/trial-*/checkpoint_*/translator.pt"))
-    assert (remote / "results.csv").exists() and (remote / "eval" / "undefended" / "summary.json").exists()
-    proc = run_cli("oodray.results", uri + "/u", "--local-dir", str(tmp_path / "read"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(pd.read_csv(tmp_path / "read" / "u" / "results.csv")) == 2  # the trial and the undefended row
-    assert_one_line_error(run_cli("oodray.results", uri + "/nope"), "does not exist")
 
 
 def test_asha_rungs_survive_a_restore(tmp_path):
@@ -204,7 +201,10 @@ def test_refit_stage_retrains_the_best_config_and_is_what_gets_evaluated(tmp_pat
     """--refit-epochs: the top configuration is trained again from scratch for that budget, the final AutoAttack
     evaluates the refit model (not the short search trial), its row carries its training compute, and a resume
     re-trains and re-evaluates nothing."""
-    args = [*TINY, "--num-samples", "1", "--refit-epochs", "2", "--storage", str(tmp_path), "--name", "refit"]
+    # The fixture's search covers every threat model; here one (adaptive) on 8 images is enough to show what is
+    # evaluated.
+    args = [*TINY, "--num-samples", "1", "--refit-epochs", "2", "--set", "eval.n_examples=8", "--set",
+            "eval.threat_models=[adaptive]", "--set", "eval.shifts=false", "--storage", str(tmp_path), "--name", "refit"]
     proc = run_cli("oodray.tune", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exp = tmp_path / "refit"
