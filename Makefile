@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python -m oodray.tune
 
+# The default tier: every feature end to end on tiny models, and every bad input.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The extended tier: fault injection with real kills, two-node clusters, the GPU benchmark's smoke run.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 lint: setup
 	$(BIN)/ruff check .

@@ -314,6 +314,7 @@ def test_finished_results_are_reused_and_never_overwritten(identity_eval):
     assert stamps == _result_stamps(out)
 
 
+@pytest.mark.slow
 def test_killed_task_resumes_from_its_state_file(identity_eval, tmp_path, caplog):
     """The task body runs in a subprocess, is SIGKILLed once its first block's state is saved, then reruns."""
     from oodray.evaluate import attack_shard

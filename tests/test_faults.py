@@ -29,7 +29,7 @@ import torch
 
 from oodray.config import resolve_config
 
-pytestmark = [pytest.mark.fault, pytest.mark.ray]
+pytestmark = [pytest.mark.fault, pytest.mark.ray, pytest.mark.slow]  # the extended tier: `make test-slow`
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -447,7 +447,6 @@ def _comparable(table: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=["trial", "time s"]).reset_index(drop=True)  # ids and timings differ between runs
 
 
-@pytest.mark.slow
 def test_ctrl_c_in_each_step_stops_promptly_and_resume_equals_an_uninterrupted_run(tmp_path):
     """Ctrl-C (SIGINT) during the oblivious-cache build, SIGTERM during the search and Ctrl-C during the final
     AutoAttack: each stops the run within seconds with exit 130 and a line saying where it stopped and the resume

@@ -299,6 +299,7 @@ def test_toy_imagenet_end_to_end(toy, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_file_damaged_after_indexing_stops_training_with_one_line(tmp_path):
     """A file cut after the index was built (its folder's mtime does not change, so the header check does not run
     again) fails in a Train worker's decode process: the run ends with one line naming the file and exit 2."""

@@ -333,6 +333,7 @@ def test_second_writer_is_refused_with_one_line_naming_the_holder(cli, tmp_path,
     assert sorted(p.name for p in target.iterdir()) == [".oodray.lock"]  # the holder's lock, nothing else
 
 
+@pytest.mark.slow
 def test_real_second_train_process_is_refused_while_the_first_runs(tmp_path):
     """Two real `python -m oodray.train` on one run: the second exits 2 with the holder's line while the first
     trains (its lock is held across Ray), and the first finishes and removes its lock."""
@@ -472,6 +473,7 @@ def test_damaged_registered_checkpoint_or_index_is_one_line(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_real_train_resumes_past_a_checkpoint_cut_short(tmp_path):
     """A real run of 2 epochs, then a checkpoint directory cut short as a full disk leaves it: the re-run (3 epochs)
     reports and sets it aside, and resumes from epoch 2, which is what Ray Train registered."""
