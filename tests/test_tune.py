@@ -204,7 +204,8 @@ def test_refit_stage_retrains_the_best_config_and_is_what_gets_evaluated(tmp_pat
     # The fixture's search covers every threat model; here one (adaptive) on 8 images is enough to show what is
     # evaluated.
     args = [*TINY, "--num-samples", "1", "--refit-epochs", "2", "--set", "eval.n_examples=8", "--set",
-            "eval.threat_models=[adaptive]", "--set", "eval.shifts=false", "--storage", str(tmp_path), "--name", "refit"]
+            "eval.threat_models=[adaptive]", "--set", "eval.shifts=false", "--storage", str(tmp_path),
+            "--name", "refit"]
     proc = run_cli("oodray.tune", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exp = tmp_path / "refit"
