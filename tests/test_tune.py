@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 import pandas as pd
@@ -87,20 +90,28 @@ def test_bohb_refusals(monkeypatch, tmp_path):
         tune_mod.check_bohb_installed()
 
 
+class Experiment(NamedTuple):
+    exp: Path  # the stored experiment, read as a local path
+    proc: subprocess.CompletedProcess  # the search's run
+    storage: str  # the URI given as --storage
+    where: list[str]  # the arguments that name its storage and staging directory
+    staged: Path  # the staged copy, where oodray's own files are written first
+
+
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
+def experiment(tmp_path_factory) -> Experiment:
     """The tiny search, stored at a URI (file:// here; s3:// and gs:// take the same pyarrow path): Tune and Train write
-    there, oodray's files are staged in --local-dir and mirrored. Returns (the stored experiment as a local path, the
-    run, the arguments that name its storage, the staged copy)."""
+    there, oodray's files are staged in --local-dir and mirrored."""
     root = tmp_path_factory.mktemp("tune")
-    where = ["--storage", f"file://{root / 'bucket'}", "--local-dir", str(root / "stage")]
+    storage = f"file://{root / 'bucket'}"
+    where = ["--storage", storage, "--local-dir", str(root / "stage")]
     proc = run_cli("oodray.tune", *TINY, *where, "--name", "tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root / "bucket" / "tiny", proc, where, root / "stage" / "tiny"
+    return Experiment(root / "bucket" / "tiny", proc, storage, where, root / "stage" / "tiny")
 
 
 def test_tiny_search_yields_a_full_table(experiment):
-    exp, proc, _, _ = experiment
+    exp, proc = experiment.exp, experiment.proc
     assert (exp / "tuner.pkl").exists() and list(exp.glob("train/trial-*/checkpoint_*/translator.pt"))
     assert (exp / "eval" / "undefended" / "summary.json").exists()
     table = pd.read_csv(exp / "results.csv")
@@ -127,7 +138,7 @@ def test_tiny_search_yields_a_full_table(experiment):
 def test_resume_does_not_rerun_finished_work(experiment):
     """Resuming a finished experiment from its URI trains nothing again (the stored checkpoints are untouched) and
     evaluates nothing again (the staged evaluation files, where evaluations write, are untouched)."""
-    exp, _, where, staged = experiment
+    exp, where, staged = experiment.exp, experiment.where, experiment.staged
     before = {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")}
     summaries = {p: p.stat().st_mtime for p in staged.glob("eval/*/*.json")}
     assert before and summaries
@@ -139,24 +150,23 @@ def test_resume_does_not_rerun_finished_work(experiment):
 
 
 def test_results_cli_reads_an_earlier_experiment(experiment, tmp_path):
-    exp, _, where, _ = experiment
+    exp = experiment.exp
     proc = run_cli("oodray.results", str(exp), "--compare", str(exp))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trial-" in proc.stdout and "undefended" in proc.stdout
-    uri = where[1] + "/tiny"  # read back from the URI into another local directory
-    proc = run_cli("oodray.results", uri, "--local-dir", str(tmp_path / "read"))
+    # Read back from the URI into another local directory.
+    proc = run_cli("oodray.results", experiment.storage + "/tiny", "--local-dir", str(tmp_path / "read"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(pd.read_csv(tmp_path / "read" / "tiny" / "results.csv")) == 3  # two trials and the undefended row
-    assert_one_line_error(run_cli("oodray.results", where[1] + "/nope"), "does not exist")
+    assert_one_line_error(run_cli("oodray.results", experiment.storage + "/nope"), "does not exist")
     assert_one_line_error(run_cli("oodray.results", str(tmp_path / "nope")), "does not exist")
     assert_one_line_error(run_cli("oodray.results", str(tmp_path)), "not an oodray experiment")
 
 
 def test_existing_experiment_is_not_overwritten(experiment):
-    exp, _, where, _ = experiment
-    proc = run_cli("oodray.tune", *TINY, *where, "--name", "tiny")
+    proc = run_cli("oodray.tune", *TINY, *experiment.where, "--name", "tiny")
     assert_one_line_error(proc, "already exists", "--resume")
-    assert (exp / "results.csv").exists()
+    assert (experiment.exp / "results.csv").exists()
 
 
 def test_bad_inputs_exit_2(tmp_path):
