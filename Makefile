@@ -22,7 +22,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The extended tier: fault injection with real kills, two-node clusters, the GPU benchmark's smoke run.
+# The extended tier: fault injection and real-process reliability runs, two-node clusters, the GPU benchmark's smoke
+# run (the tests marked slow).
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
