@@ -9,12 +9,17 @@ pyarrow is imported when a URI is used (heavy import).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
-from oodray.io import atomic_write_bytes
+from oodray.io import atomic_write_bytes, atomic_write_text
+from oodray.locks import LOCK_FILE
 
 log = logging.getLogger(__name__)
+
+MIRRORED = ".oodray_mirrored.json"  # in a staging directory: what its URI holds (see _Mirrored)
 
 
 def is_uri(storage: str) -> bool:
@@ -55,43 +60,91 @@ def write_text(uri: str, text: str) -> None:
 
 
 def mirror_down(uri: str, local: Path) -> Path:
-    """Copies every file under `uri` that is missing (or of another size) locally; returns `local`."""
+    """Copies every file under `uri` that is missing (or of another size) locally, but no lock file; returns `local`.
+    A lock fetched into a staging directory on another host would refuse that host's evaluation (its pid cannot be
+    checked from there)."""
     import pyarrow.fs
 
     fs, root = _fs(uri)
     local.mkdir(parents=True, exist_ok=True)
+    sent = _Mirrored(local, uri)
     n = 0
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True)):
         if info.type != pyarrow.fs.FileType.File:
             continue
-        dst = local / info.path[len(root):].lstrip("/")
-        if dst.exists() and dst.stat().st_size == info.size:
-            continue
+        rel = info.path[len(root):].lstrip("/")
+        dst = local / rel
+        if dst.name == LOCK_FILE or (dst.exists() and dst.stat().st_size == info.size):
+            continue  # a lock names a process on the host that took it (earlier versions sent locks up)
         with fs.open_input_stream(info.path) as src:
-            atomic_write_bytes(dst, src.read())  # #15: unique temp name, fsync, ENOSPC as one line
+            data = src.read()
+        atomic_write_bytes(dst, data)  # #15: unique temp name, fsync, ENOSPC as one line
+        sent.record(rel, data)  # the URI holds these bytes: mirror_up need not send them back
         n += 1
+    sent.save()
     log.info("mirrored %d files from %s to %s", n, uri, local)
     return local
 
 
 def mirror_up(local: Path, uri: str, names: list[str]) -> None:
-    """Uploads the given files/folders (relative to `local`) under `uri`."""
+    """Uploads the given files/folders (relative to `local`) under `uri`, except lock files, skipping each file whose
+    bytes the URI already holds: the same content as this staging directory last sent (or fetched), and the same size
+    there. Resuming a finished experiment then sends nothing (on S3, no PUT per file per resume)."""
     import pyarrow.fs
 
     fs, root = _fs(uri)
+    sent = _Mirrored(local, uri)
+    n = skipped = 0
     for name in names:
-        src = local / name
-        if not src.exists():
-            continue
-        dst = join(root, name)
+        src, dst = local / name, join(root, name)
         if src.is_dir():
-            fs.create_dir(dst, recursive=True)
-            pyarrow.fs.copy_files(str(src), dst, source_filesystem=pyarrow.fs.LocalFileSystem(),
-                                  destination_filesystem=fs)
+            files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != LOCK_FILE)  # a lock stays local
+            found = fs.get_file_info(pyarrow.fs.FileSelector(dst, recursive=True, allow_not_found=True))
         else:
+            files = [src] if src.exists() else []
+            found = fs.get_file_info([dst]) if files else []
+        there = {info.path[len(root):].lstrip("/"): info.size for info in found
+                 if info.type == pyarrow.fs.FileType.File}
+        for path in files:
+            rel = path.relative_to(local).as_posix()
+            data = path.read_bytes()
+            if sent.holds(rel, data) and there.get(rel) == len(data):
+                skipped += 1
+                continue
+            dst = join(root, rel)
             fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-            with open(src, "rb") as f, fs.open_output_stream(dst) as out:
-                out.write(f.read())
+            with fs.open_output_stream(dst) as out:
+                out.write(data)
+            sent.record(rel, data)
+            n += 1
+    sent.save()
+    log.info("mirrored %d files from %s to %s (%d already there)", n, local, uri, skipped)
+
+
+class _Mirrored:
+    """What a staging directory knows the URI holds: the sha256 of each file it last sent there or fetched from
+    there, kept in `local/MIRRORED` for one URI. Another writer that changed a file at the URI to other bytes of the
+    same size would go unseen: the staging directory's lock keeps out a second writer on this machine only."""
+
+    def __init__(self, local: Path, uri: str):
+        self.path, self.uri = local / MIRRORED, uri
+        try:
+            kept = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        self.files = kept.get("files", {}) if isinstance(kept, dict) and kept.get("uri") == uri else {}
+        self.changed = False
+
+    def holds(self, rel: str, data: bytes) -> bool:
+        return self.files.get(rel) == hashlib.sha256(data).hexdigest()
+
+    def record(self, rel: str, data: bytes) -> None:
+        self.files[rel] = hashlib.sha256(data).hexdigest()
+        self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            atomic_write_text(self.path, json.dumps({"uri": self.uri, "files": self.files}, sort_keys=True))
 
 
 def storage_uri(storage: str) -> str:

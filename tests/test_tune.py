@@ -136,16 +136,23 @@ def test_tiny_search_yields_a_full_table(experiment):
 
 
 def test_resume_does_not_rerun_finished_work(experiment):
-    """Resuming a finished experiment from its URI trains nothing again (the stored checkpoints are untouched) and
-    evaluates nothing again (the staged evaluation files, where evaluations write, are untouched)."""
+    """Resuming a finished experiment from its URI trains nothing again (the stored checkpoints are untouched),
+    evaluates nothing again (the staged evaluation files, where evaluations write, are untouched) and sends nothing
+    to the URI again (its evaluation and result files are untouched: no PUT per file per resume on S3)."""
     exp, where, staged = experiment.exp, experiment.where, experiment.staged
     before = {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")}
     summaries = {p: p.stat().st_mtime for p in staged.glob("eval/*/*.json")}
-    assert before and summaries
+    # Not results.json: Ray Tune itself, saving the experiment's state on a resume, uploads it from its driver staging
+    # directory (oodray's) beside its own state files (seen: results.json, oodray_config.json, tuner.pkl, ...).
+    sent = {p: p.stat().st_mtime_ns for p in [*exp.glob("eval/**/*"), exp / "results.csv", exp / "results.md",
+                                              *exp.glob("*.png")] if p.is_file()}
+    assert before and summaries and len(sent) > len(summaries)
     proc = run_cli("oodray.tune", *TINY, *where, "--name", "tiny", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")} == before
     assert {p: p.stat().st_mtime for p in staged.glob("eval/*/*.json")} == summaries
+    assert {p: p.stat().st_mtime_ns for p in sent} == sent
+    assert not list(exp.glob("eval/**/.oodray.lock"))  # a lock names a local process: it stays in the staging dir
     assert len(pd.read_csv(exp / "results.csv")) == 3
 
 
