@@ -79,7 +79,7 @@ def mirror_down(uri: str, local: Path) -> Path:
         with fs.open_input_stream(info.path) as src:
             data = src.read()
         atomic_write_bytes(dst, data)  # #15: unique temp name, fsync, ENOSPC as one line
-        sent.record(rel, data)  # the URI holds these bytes: mirror_up need not send them back
+        sent.files[rel] = _digest(data)  # the URI holds these bytes: mirror_up need not send them back
         n += 1
     sent.save()
     log.info("mirrored %d files from %s to %s", n, uri, local)
@@ -108,14 +108,15 @@ def mirror_up(local: Path, uri: str, names: list[str]) -> None:
         for path in files:
             rel = path.relative_to(local).as_posix()
             data = path.read_bytes()
-            if sent.holds(rel, data) and there.get(rel) == len(data):
+            digest = _digest(data)
+            if sent.files.get(rel) == digest and there.get(rel) == len(data):
                 skipped += 1
                 continue
             dst = join(root, rel)
             fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
             with fs.open_output_stream(dst) as out:
                 out.write(data)
-            sent.record(rel, data)
+            sent.files[rel] = digest
             n += 1
     sent.save()
     log.info("mirrored %d files from %s to %s (%d already there)", n, local, uri, skipped)
@@ -132,19 +133,16 @@ class _Mirrored:
             kept = json.loads(self.path.read_text())
         except (OSError, ValueError):
             kept = {}
-        self.files = kept.get("files", {}) if isinstance(kept, dict) and kept.get("uri") == uri else {}
-        self.changed = False
-
-    def holds(self, rel: str, data: bytes) -> bool:
-        return self.files.get(rel) == hashlib.sha256(data).hexdigest()
-
-    def record(self, rel: str, data: bytes) -> None:
-        self.files[rel] = hashlib.sha256(data).hexdigest()
-        self.changed = True
+        self.files: dict[str, str] = kept.get("files", {}) if isinstance(kept, dict) and kept.get("uri") == uri else {}
+        self._saved = dict(self.files)
 
     def save(self) -> None:
-        if self.changed:
+        if self.files != self._saved:
             atomic_write_text(self.path, json.dumps({"uri": self.uri, "files": self.files}, sort_keys=True))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def storage_uri(storage: str) -> str:

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, assert_one_line_error, run_cli
 
 from oodray.errors import ConfigError, OodrayError
+from oodray.locks import LOCK_FILE
 from oodray.search_space import CONDITIONAL, SPACE, DefineByRun, narrowed_space
 
 pytestmark = pytest.mark.ray
@@ -152,7 +153,7 @@ def test_resume_does_not_rerun_finished_work(experiment):
     assert {p: p.stat().st_mtime for p in exp.glob("train/*/checkpoint_*/translator.pt")} == before
     assert {p: p.stat().st_mtime for p in staged.glob("eval/*/*.json")} == summaries
     assert {p: p.stat().st_mtime_ns for p in sent} == sent
-    assert not list(exp.glob("eval/**/.oodray.lock"))  # a lock names a local process: it stays in the staging dir
+    assert not list(exp.glob(f"eval/**/{LOCK_FILE}"))  # a lock names a local process: it stays in the staging dir
     assert len(pd.read_csv(exp / "results.csv")) == 3
 
 
