@@ -1,11 +1,18 @@
 """Search efficiency of the trial schedulers, measured over several seeds: the same seeded search (same Optuna sampler
 seed, same trial count and budget) with every trial at its full budget (FIFO) and with each scheduler tried. For each
-seed and scheduler it counts the trial-epochs spent, and how many were spent before some trial reached the best proxy
-robust accuracy that the full-budget search found; then prints, per scheduler, the median and min-max over seeds of
-both, as shares of FIFO's trial-epochs (the target for "reached FIFO's best" is <= 1/3).
+seed and scheduler it counts the trial-epochs spent, and how many were spent before some trial reached the best value
+of the search objective (`tune.objective`, what both searches maximise and rank by: proxy robust accuracy, penalised
+for lost clean accuracy) that the full-budget search found; then prints, per scheduler, the median and min-max over
+seeds of both, as shares of FIFO's trial-epochs (the target for "reached FIFO's best" is <= 1/3).
+
+Beside it, labelled as such, the same count for reaching within one standard error of FIFO's best: the proxy is
+measured on a few hundred images (`proxy_examples`, e.g. 144 on digits, where one image is 0.007), so two
+configurations whose figures differ by a few images are not told apart by it; the exact criterion asks a search to
+match the maximum of FIFO's noisy figures, which grows with FIFO's number of trial-epochs.
 
     python benchmarks/search_efficiency.py                                   # digits, 6 trials x 4 epochs, 3 seeds
     python benchmarks/search_efficiency.py --seeds 0,1,2,3 --schedulers fifo,asha:2,asha:3,hyperband:3
+    python benchmarks/search_efficiency.py --epochs 8 --schedulers fifo,asha:2   # a longer budget: rungs 1, 2, 4, 8
 
 A scheduler is `name:reduction_factor[:grace_period]` (asha, hyperband). Searches run one trial at a time
 (`--max-concurrent 1`) in fresh experiments, the schedulers of a seed in alternating order. Trial-epochs do not depend
@@ -16,6 +23,7 @@ machine; its wall time is printed for planning.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import subprocess
 import sys
@@ -50,16 +58,31 @@ def epoch_rows(trials: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r.get("reported_at") or r.get("timestamp") or 0.0))
 
 
-def epochs_to_reach(trials: list[dict], target: float, key: str = "robust_accuracy") -> int | None:
+KEY = "objective"  # what the searches maximise (ASHA's metric, TPE's value, the final ranking): see oodray.metrics
+
+
+def epochs_to_reach(trials: list[dict], target: float, key: str = KEY) -> int | None:
     """Trial-epochs spent (in reporting order) until some epoch reports >= target; None if none does."""
     for spent, row in enumerate(epoch_rows(trials), start=1):
-        if (row.get(key) or 0.0) >= target - 1e-12:
+        if row.get(key, -math.inf) >= target - 1e-12:
             return spent
     return None
 
 
-def best(trials: list[dict], key: str = "robust_accuracy") -> float:
-    return max((r.get(key) or 0.0) for r in epoch_rows(trials))
+def best_row(trials: list[dict], key: str = KEY) -> dict:
+    return max(epoch_rows(trials), key=lambda r: r.get(key, -math.inf))
+
+
+def best(trials: list[dict], key: str = KEY) -> float:
+    return best_row(trials, key)[key]
+
+
+def standard_error(row: dict) -> float:
+    """The binomial standard error of a proxy robust accuracy measured on `proxy_examples` images."""
+    n, p = row.get("proxy_examples"), row["robust_accuracy"]
+    if not n:
+        raise SystemExit("the trials report no proxy_examples (a run of oodray before 2026-12-02?): re-run the search")
+    return math.sqrt(p * (1.0 - p) / n)
 
 
 def main() -> None:
@@ -77,28 +100,35 @@ def main() -> None:
     storage = Path(tempfile.mkdtemp(prefix="oodray-search-"))
     spent: dict[str, list[float]] = {s: [] for s in others}
     reach: dict[str, list[float]] = {s: [] for s in others}
+    near: dict[str, list[float]] = {s: [] for s in others}  # within one standard error of FIFO's best
     for i, seed in enumerate(seeds):
         order = ["fifo", *others] if i % 2 == 0 else [*others[::-1], "fifo"]
         runs = {}
         for sched in order:
             t0 = time.time()
             runs[sched] = run_search(storage, f"{sched.replace(':', '-')}-s{seed}", args, sched, seed)
-            print(f"  seed {seed} {sched}: {sum(len(epoch_rows([t])) for t in runs[sched])} trial-epochs, best "
+            print(f"  seed {seed} {sched}: {sum(len(epoch_rows([t])) for t in runs[sched])} trial-epochs, best {KEY} "
                   f"{best(runs[sched]):.4f} ({time.time() - t0:.0f} s, load {load():.2f})", flush=True)
         total_fifo = len(epoch_rows(runs["fifo"]))
-        target = best(runs["fifo"])
+        top = best_row(runs["fifo"])
+        target, se = top[KEY], standard_error(top)
         for sched in others:
-            n = epochs_to_reach(runs[sched], target)
+            n, n_near = epochs_to_reach(runs[sched], target), epochs_to_reach(runs[sched], target - se)
             spent[sched].append(len(epoch_rows(runs[sched])) / total_fifo)
             reach[sched].append(float("inf") if n is None else n / total_fifo)
-            print(f"seed {seed}: FIFO {total_fifo} trial-epochs, best {target:.4f}; {sched}: spent "
-                  f"{spent[sched][-1]:.2f} of FIFO, reached FIFO's best after "
-                  + ("never" if n is None else f"{n} ({reach[sched][-1]:.2f} of FIFO)"), flush=True)
+            near[sched].append(float("inf") if n_near is None else n_near / total_fifo)
+            print(f"seed {seed}: FIFO {total_fifo} trial-epochs, best {KEY} {target:.4f} (robust accuracy "
+                  f"{top['robust_accuracy']:.4f} on {top['proxy_examples']} images, standard error {se:.4f}); {sched}: "
+                  f"spent {spent[sched][-1]:.2f} of FIFO, best {best(runs[sched]):.4f}, reached FIFO's best after "
+                  + ("never" if n is None else f"{n} ({reach[sched][-1]:.2f} of FIFO)")
+                  + ", within one standard error of it after "
+                  + ("never" if n_near is None else f"{n_near} ({near[sched][-1]:.2f} of FIFO)"), flush=True)
     print(f"\n{args.dataset}: {args.num_samples} trials x up to {args.epochs} epochs, one at a time, seeds {seeds}; "
-          "shares of FIFO's trial-epochs, median (min-max) over seeds ('inf': never reached FIFO's best)")
+          f"shares of FIFO's trial-epochs, median (min-max) over seeds ('inf': never reached FIFO's best {KEY}); "
+          "'within 1 SE': reached FIFO's best less one binomial standard error of its proxy (not the target)")
     for sched in others:
         print(f"{sched:14s} spent {Spread(spent[sched]).fmt()}   reached FIFO's best after "
-              f"{Spread(reach[sched]).fmt()}   (target <= 0.33)")
+              f"{Spread(reach[sched]).fmt()}   (target <= 0.33)   within 1 SE after {Spread(near[sched]).fmt()}")
     print(f"wall time {time.time() - t_start:.0f} s; {load_line(before)}")
     shutil.rmtree(storage, ignore_errors=True)  # the searches' trials: every figure is printed above
 

@@ -91,11 +91,12 @@ def proxy_metrics_over_ranks(cfg: ExperimentConfig, defended: torch.nn.Module, x
 
 
 def proxy_from_counts(cfg: ExperimentConfig, counts: torch.Tensor, gated: bool) -> dict[str, float]:
-    """The proxy metrics from the counts of all ranks (see `proxy_counts`), with the search objective."""
+    """The proxy metrics from the counts of all ranks (see `proxy_counts`), with the search objective and the number
+    of images they are measured on (`proxy_examples`: what a difference between two trials' figures is worth)."""
     c = dict(zip(PROXY_COUNTS, counts.tolist(), strict=True))
     n = max(1.0, c["examples"])
     out = {"clean_accuracy": c["clean"] / n, "robust_accuracy": c["robust"] / n,
-           "classifier_clean_accuracy": c["classifier_clean"] / n}
+           "classifier_clean_accuracy": c["classifier_clean"] / n, "proxy_examples": int(c["examples"])}
     out["objective"] = search_objective(cfg, out)
     if gated:
         out["gate_flag_rate_clean"], out["gate_flag_rate_attacked"] = c["flagged_clean"] / n, c["flagged_attacked"] / n
