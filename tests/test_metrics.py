@@ -49,6 +49,7 @@ def test_proxy_metrics_in_batches_equal_one_batch(gate):
         assert chunked[k] == pytest.approx(whole[k], abs=1e-9), k
     assert whole["robust_accuracy"] < whole["clean_accuracy"]  # the attack did something to compare
     assert ("gate_flag_rate_attacked" in whole) == gate
+    assert whole["proxy_examples"] == len(x)  # what a difference between two figures is worth
 
 
 @pytest.mark.parametrize("gate", [False, True])
