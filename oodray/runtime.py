@@ -47,7 +47,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     # Under load (or while a stopped trial's workers are torn down) 60 s is too short for a worker group to start.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     # Ray Train's controller polls its workers every 2 s by default, so a finished fit waited ~2-4 s to be noticed
-    # (measured: 3.6-5.2 s from the last report to fit()'s return at 2 s, 1.5-1.7 s at 0.5 s; README "Benchmarks"
+    # (measured: 3.6-5.2 s from the last report to fit()'s return at 2 s, 1.5-1.7 s at 0.5 s; docs/benchmarks.md
     # has the command). A value already set wins; Ray propagates it from the driver to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if os.environ.get("RAY_ADDRESS"):
@@ -80,7 +80,7 @@ def task_device(gpus: float, cpus: float) -> Any:
 # The largest image side at which `train.channels_last: null` (the default) picks channels_last on CPU. Measured with
 # benchmarks/layout.py, 1 thread, channels_last vs NCHW (translator step / PGD on C / PGD on C(T)): Fashion-MNIST 28 px
 # 1.45x / 1.63x / 1.41x; cifar10's preset at 32 px 1.07x / 1.06x / 1.07x; the imagenet preset at 64 px 1.03x / 1.80x /
-# 1.05x, at 112 px 0.98x / 1.07x / 0.96x, at 224 px 0.89x / 1.09x / 0.93x (README, benchmarks table).
+# 1.05x, at 112 px 0.98x / 1.07x / 0.96x, at 224 px 0.89x / 1.09x / 0.93x (docs/benchmarks.md).
 CPU_CHANNELS_LAST_MAX_SIDE = 64
 
 

@@ -286,12 +286,12 @@ def training_loader(cfg: ExperimentConfig, data: Dataset, sampler: DistributedSa
     process (indexing a tensor is cheaper than shipping it between processes); streamed ones to the worker's CPUs
     less the one that trains.
 
-    Why torch DataLoader workers and not Ray Data (benchmarks/input_pipeline.py, README): per decode core, Ray Data's
-    read_images + map_batches + iter_torch_batches delivered 0.51x-0.77x (median) of a plain torchvision DataLoader
-    with the same workers here, and this loader matches it (same decode code); a DataLoader keeps each image paired
-    by index with its cached oblivious attack (`PairedImages`), which Ray Data would have to join across two
-    datasets. Ray Data's strength, CPU-only nodes decoding for GPU nodes, matters once one node's cores cannot keep
-    its GPUs fed: measure that on a GPU node before switching."""
+    Why torch DataLoader workers and not Ray Data (benchmarks/input_pipeline.py, docs/benchmarks.md): per decode
+    core, Ray Data's read_images + map_batches + iter_torch_batches delivered 0.51x-0.77x (median) of a plain
+    torchvision DataLoader with the same workers here, and this loader matches it (same decode code); a DataLoader
+    keeps each image paired by index with its cached oblivious attack (`PairedImages`), which Ray Data would have to
+    join across two datasets. Ray Data's strength, CPU-only nodes decoding for GPU nodes, matters once one node's
+    cores cannot keep its GPUs fed: measure that on a GPU node before switching."""
     d = cfg.data
     workers = d.loader_workers
     if workers is None:
