@@ -292,7 +292,7 @@ class TuneConfig:
     # the configurations instead of Optuna; needs `pip install 'oodray[bohb]'`) | fifo (full budgets)
     scheduler: str = "asha"
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: int = 2  # ASHA/HyperBand/BOHB: 1/reduction_factor of the trials at a rung go on to the next
+    reduction_factor: int = 3  # ASHA/HyperBand/BOHB: 1/reduction_factor of a rung goes on; 3: docs/benchmarks.md
     min_clean_accuracy_drop: float = 0.05  # robust objective: trials losing more clean accuracy are penalised
     space: dict[str, Any] = field(default_factory=dict)  # narrows/fixes the search space: {"translator.arch": ["unet"]}
     # Refit (oodray.refit): the top final_top_k configurations retrained from scratch before the final AutoAttack, for
