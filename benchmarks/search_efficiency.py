@@ -12,7 +12,7 @@ match the maximum of FIFO's noisy figures, which grows with FIFO's number of tri
 
     python benchmarks/search_efficiency.py                                   # digits, 6 trials x 4 epochs, 3 seeds
     python benchmarks/search_efficiency.py --seeds 0,1,2,3 --schedulers fifo,asha:2,asha:3,hyperband:3
-    python benchmarks/search_efficiency.py --epochs 8 --schedulers fifo,asha:2   # a longer budget: rungs 1, 2, 4, 8
+    python benchmarks/search_efficiency.py --epochs 8 --schedulers fifo,asha:2,asha:3   # 8 epochs a trial
 
 A scheduler is `name:reduction_factor[:grace_period]` (asha, hyperband). Searches run one trial at a time
 (`--max-concurrent 1`) in fresh experiments, the schedulers of a seed in alternating order. Trial-epochs do not depend
