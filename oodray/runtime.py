@@ -65,8 +65,24 @@ def init_ray(num_cpus: int | None = None) -> None:
         try:
             ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, configure_logging=False,
                      runtime_env={"worker_process_setup_hook": hook})
+        except Exception as e:
+            if RAY_START_TIMEOUT not in str(e):
+                raise
+            raise RunFailed(start_timeout_message()) from None
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+# Ray 2.60 raises a bare Exception with this text when its local node's raylet has not registered with the GCS within
+# a fixed 30 s (ray/_private/node.py, not configurable): seen on 2 cores at a load average of 30, five searches at once.
+RAY_START_TIMEOUT = "timed out during startup"
+
+
+def start_timeout_message() -> str:
+    """The one line for a local Ray that did not start in time: the machine's state, not a bug (nothing ran yet)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"the local Ray did not start: its node did not register within Ray's fixed 30 s (load average {load:.1f} "
+            f"on {os.cpu_count()} CPUs); nothing was run, so run the command again when the machine is less loaded")
 
 
 def task_device(gpus: float, cpus: float) -> Any:
