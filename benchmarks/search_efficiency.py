@@ -77,6 +77,20 @@ def best(trials: list[dict], key: str = KEY) -> float:
     return best_row(trials, key)[key]
 
 
+def trial_order(trials: list[dict]) -> list[str]:
+    """Trial ids in the order the trials first reported (one at a time: the order TPE proposed them)."""
+    first: dict[str, float] = {}
+    for r in epoch_rows(trials):
+        first.setdefault(r["trial_id"], r.get("reported_at") or r.get("timestamp") or 0.0)
+    return sorted(first, key=first.__getitem__)
+
+
+def position(trials: list[dict], row: dict) -> str:
+    """Where a reported epoch came from: 'trial k of n, epoch e' (k in the order the trials first reported)."""
+    order = trial_order(trials)
+    return f"trial {order.index(row['trial_id']) + 1} of {len(order)}, epoch {row['epoch']}"
+
+
 def standard_error(row: dict) -> float:
     """The binomial standard error of a proxy robust accuracy measured on `proxy_examples` images."""
     n, p = row.get("proxy_examples"), row["robust_accuracy"]
@@ -118,8 +132,10 @@ def main() -> None:
             reach[sched].append(float("inf") if n is None else n / total_fifo)
             near[sched].append(float("inf") if n_near is None else n_near / total_fifo)
             print(f"seed {seed}: FIFO {total_fifo} trial-epochs, best {KEY} {target:.4f} (robust accuracy "
-                  f"{top['robust_accuracy']:.4f} on {top['proxy_examples']} images, standard error {se:.4f}); {sched}: "
-                  f"spent {spent[sched][-1]:.2f} of FIFO, best {best(runs[sched]):.4f}, reached FIFO's best after "
+                  f"{top['robust_accuracy']:.4f} on {top['proxy_examples']} images, standard error {se:.4f}; "
+                  f"{position(runs['fifo'], top)}); {sched}: "
+                  f"spent {spent[sched][-1]:.2f} of FIFO, best {best(runs[sched]):.4f} "
+                  f"({position(runs[sched], best_row(runs[sched]))}), reached FIFO's best after "
                   + ("never" if n is None else f"{n} ({reach[sched][-1]:.2f} of FIFO)")
                   + ", within one standard error of it after "
                   + ("never" if n_near is None else f"{n_near} ({near[sched][-1]:.2f} of FIFO)"), flush=True)

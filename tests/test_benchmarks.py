@@ -41,3 +41,25 @@ def test_agreement_chance_is_exact_for_odd_repeats_and_rejects_zero():
                           text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("--repeats 0: a run has at least 1 repeat")
+
+
+def test_search_efficiency_counts_and_places_epochs_in_reporting_order():
+    """The search benchmark's counts: trial-epochs in the order they were reported (a paused trial's later epochs
+    after the trials that ran meanwhile; replayed rows not counted), and where a best epoch came from."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import search_efficiency as se
+
+    def row(tid, epoch, at, objective, **kw):
+        return {"trial_id": tid, "epoch": epoch, "reported_at": at, "objective": objective, **kw}
+
+    trials = [  # listed out of order: b first reported at t=1, a at t=2; b is resumed after a
+        {"trial_id": "a", "history": [row("a", 1, 2.0, 0.1), row("a", 2, 3.0, 0.3)]},
+        {"trial_id": "b", "history": [row("b", 1, 1.0, 0.2), row("b", 1, 3.5, 0.2, replayed=True),
+                                      row("b", 2, 4.0, 0.5)]},
+    ]
+    assert [(r["trial_id"], r["epoch"]) for r in se.epoch_rows(trials)] == [("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert se.trial_order(trials) == ["b", "a"]
+    top = se.best_row(trials)
+    assert top["objective"] == 0.5 and se.position(trials, top) == "trial 1 of 2, epoch 2"
+    assert se.epochs_to_reach(trials, 0.3) == 3 and se.epochs_to_reach(trials, 0.5) == 4
+    assert se.epochs_to_reach(trials, 0.6) is None
