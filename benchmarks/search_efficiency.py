@@ -79,10 +79,7 @@ def best(trials: list[dict], key: str = KEY) -> float:
 
 def trial_order(trials: list[dict]) -> list[str]:
     """Trial ids in the order the trials first reported (one at a time: the order TPE proposed them)."""
-    first: dict[str, float] = {}
-    for r in epoch_rows(trials):
-        first.setdefault(r["trial_id"], r.get("reported_at") or r.get("timestamp") or 0.0)
-    return sorted(first, key=first.__getitem__)
+    return list(dict.fromkeys(r["trial_id"] for r in epoch_rows(trials)))
 
 
 def position(trials: list[dict], row: dict) -> str:

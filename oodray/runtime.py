@@ -23,6 +23,9 @@ from oodray.progress import Progress
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
+# Ray 2.60 raises a bare Exception with this text when its local node's raylet has not registered with the GCS within
+# a fixed 30 s (ray/_private/node.py, not configurable): seen on 2 cores at a load average of 30, five searches at once.
+RAY_START_TIMEOUT = "timed out during startup"
 
 
 def pin_ray_address() -> None:
@@ -71,11 +74,6 @@ def init_ray(num_cpus: int | None = None) -> None:
             raise RunFailed(start_timeout_message()) from None
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
-
-
-# Ray 2.60 raises a bare Exception with this text when its local node's raylet has not registered with the GCS within
-# a fixed 30 s (ray/_private/node.py, not configurable): seen on 2 cores at a load average of 30, five searches at once.
-RAY_START_TIMEOUT = "timed out during startup"
 
 
 def start_timeout_message() -> str:
