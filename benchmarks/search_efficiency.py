@@ -10,6 +10,13 @@ measured on a few hundred images (`proxy_examples`, e.g. 144 on digits, where on
 configurations whose figures differ by a few images are not told apart by it; the exact criterion asks a search to
 match the maximum of FIFO's noisy figures, which grows with FIFO's number of trial-epochs.
 
+For an ASHA search it also prints the floor where it reached FIFO's best: the fewest trial-epochs any one-at-a-time
+ASHA spends until that trial (k-th proposed) reports that epoch (`asha_floor`: the first trial runs its whole budget,
+every later one at least its grace period). What an ASHA search spends above the floor is the cost of its stopping
+decisions; the floor is set by the order the searcher proposed configurations in, which no ASHA setting changes.
+When FIFO's best comes from one of TPE's seeded random first proposals, the floor for reaching it in that same trial is
+printed beside FIFO's figures.
+
     python benchmarks/search_efficiency.py                                   # digits, 6 trials x 4 epochs, 3 seeds
     python benchmarks/search_efficiency.py --seeds 0,1,2,3 --schedulers fifo,asha:2,asha:3,hyperband:3
     python benchmarks/search_efficiency.py --epochs 8 --schedulers fifo,asha:2,asha:3   # 8 epochs a trial
@@ -33,7 +40,17 @@ from pathlib import Path
 
 from spread import Spread, load, load_line  # puts the repository on sys.path for what follows
 
+from oodray.config.schema import TuneConfig
 from oodray.results import load_trials
+from oodray.tune import TPE_STARTUP_TRIALS
+
+DEFAULT_GRACE = TuneConfig.grace_period
+
+
+def grace_of(scheduler: str) -> int:
+    """The grace period of a `name:reduction_factor[:grace_period]` scheduler (the config's default if not given)."""
+    opts = scheduler.split(":")[1:]
+    return int(opts[1]) if len(opts) > 1 else DEFAULT_GRACE
 
 
 def run_search(storage: Path, name: str, args: argparse.Namespace, scheduler: str, seed: int) -> list[dict]:
@@ -61,12 +78,19 @@ def epoch_rows(trials: list[dict]) -> list[dict]:
 KEY = "objective"  # what the searches maximise (ASHA's metric, TPE's value, the final ranking): see oodray.metrics
 
 
-def epochs_to_reach(trials: list[dict], target: float, key: str = KEY) -> int | None:
-    """Trial-epochs spent (in reporting order) until some epoch reports >= target; None if none does."""
+def first_reaching(trials: list[dict], target: float, key: str = KEY) -> tuple[int, dict] | None:
+    """The trial-epochs spent (in reporting order) until some epoch reports >= target, and that epoch; None if none
+    does."""
     for spent, row in enumerate(epoch_rows(trials), start=1):
         if row.get(key, -math.inf) >= target - 1e-12:
-            return spent
+            return spent, row
     return None
+
+
+def epochs_to_reach(trials: list[dict], target: float, key: str = KEY) -> int | None:
+    """Trial-epochs spent (in reporting order) until some epoch reports >= target; None if none does."""
+    hit = first_reaching(trials, target, key)
+    return None if hit is None else hit[0]
 
 
 def best_row(trials: list[dict], key: str = KEY) -> dict:
@@ -84,8 +108,23 @@ def trial_order(trials: list[dict]) -> list[str]:
 
 def position(trials: list[dict], row: dict) -> str:
     """Where a reported epoch came from: 'trial k of n, epoch e' (k in the order the trials first reported)."""
-    order = trial_order(trials)
-    return f"trial {order.index(row['trial_id']) + 1} of {len(order)}, epoch {row['epoch']}"
+    k, epoch = trial_and_epoch(trials, row)
+    return f"trial {k} of {len(trial_order(trials))}, epoch {epoch}"
+
+
+def asha_floor(k: int, epoch: int, budget: int, grace: int) -> int:
+    """The fewest trial-epochs a one-at-a-time ASHA search can spend until its k-th trial reports epoch `epoch`: Ray's
+    ASHA lets the first trial run its whole budget (every rung is empty when it reports), and stops no later trial
+    before its grace period. What is above this floor is the cost of ASHA's decisions; the floor itself is set by the
+    order the searcher proposed the configurations in."""
+    if k < 1 or epoch < 1:
+        raise ValueError(f"trial {k}, epoch {epoch}: both count from 1")
+    return epoch if k == 1 else budget + min(grace, budget) * (k - 2) + epoch
+
+
+def trial_and_epoch(trials: list[dict], row: dict) -> tuple[int, int]:
+    """(k, e): the reported epoch `row` is epoch e of the k-th trial to report."""
+    return trial_order(trials).index(row["trial_id"]) + 1, int(row["epoch"])
 
 
 def standard_error(row: dict) -> float:
@@ -112,6 +151,7 @@ def main() -> None:
     spent: dict[str, list[float]] = {s: [] for s in others}
     reach: dict[str, list[float]] = {s: [] for s in others}
     near: dict[str, list[float]] = {s: [] for s in others}  # within one standard error of FIFO's best
+    floor: dict[str, list[float]] = {s: [] for s in others}  # asha_floor of where FIFO's best was reached
     for i, seed in enumerate(seeds):
         order = ["fifo", *others] if i % 2 == 0 else [*others[::-1], "fifo"]
         runs = {}
@@ -123,25 +163,40 @@ def main() -> None:
         total_fifo = len(epoch_rows(runs["fifo"]))
         top = best_row(runs["fifo"])
         target, se = top[KEY], standard_error(top)
+        k_top, e_top = trial_and_epoch(runs["fifo"], top)
+        print(f"seed {seed}: FIFO {total_fifo} trial-epochs, best {KEY} {target:.4f} (robust accuracy "
+              f"{top['robust_accuracy']:.4f} on {top['proxy_examples']} images, standard error {se:.4f}; "
+              f"{position(runs['fifo'], top)})", end="")
+        if k_top <= TPE_STARTUP_TRIALS:  # a seeded random draw: every search of this seed proposes it k-th too
+            f = asha_floor(k_top, e_top, args.epochs, DEFAULT_GRACE)
+            print(f"; a one-at-a-time ASHA (grace {DEFAULT_GRACE}) spends at least {f} ({f / total_fifo:.2f} of FIFO) "
+                  "to reach it in the same trial", end="")
+        print(flush=True)
         for sched in others:
-            n, n_near = epochs_to_reach(runs[sched], target), epochs_to_reach(runs[sched], target - se)
+            hit, n_near = first_reaching(runs[sched], target), epochs_to_reach(runs[sched], target - se)
+            n = None if hit is None else hit[0]
             spent[sched].append(len(epoch_rows(runs[sched])) / total_fifo)
             reach[sched].append(float("inf") if n is None else n / total_fifo)
             near[sched].append(float("inf") if n_near is None else n_near / total_fifo)
-            print(f"seed {seed}: FIFO {total_fifo} trial-epochs, best {KEY} {target:.4f} (robust accuracy "
-                  f"{top['robust_accuracy']:.4f} on {top['proxy_examples']} images, standard error {se:.4f}; "
-                  f"{position(runs['fifo'], top)}); {sched}: "
-                  f"spent {spent[sched][-1]:.2f} of FIFO, best {best(runs[sched]):.4f} "
-                  f"({position(runs[sched], best_row(runs[sched]))}), reached FIFO's best after "
-                  + ("never" if n is None else f"{n} ({reach[sched][-1]:.2f} of FIFO)")
-                  + ", within one standard error of it after "
+            how = "never"
+            if hit is not None:
+                how = f"{n} ({reach[sched][-1]:.2f} of FIFO), in its {position(runs[sched], hit[1])}"
+                if sched.startswith("asha"):  # the least any ASHA could spend to get to that trial and epoch
+                    f = asha_floor(*trial_and_epoch(runs[sched], hit[1]), args.epochs, grace_of(sched))
+                    floor[sched].append(f / total_fifo)
+                    how += f" (the floor for that trial and epoch: {f}, {floor[sched][-1]:.2f} of FIFO)"
+            print(f"seed {seed} {sched}: spent {spent[sched][-1]:.2f} of FIFO, best {best(runs[sched]):.4f} "
+                  f"({position(runs[sched], best_row(runs[sched]))}), reached FIFO's best after {how}, "
+                  "within one standard error of it after "
                   + ("never" if n_near is None else f"{n_near} ({near[sched][-1]:.2f} of FIFO)"), flush=True)
     print(f"\n{args.dataset}: {args.num_samples} trials x up to {args.epochs} epochs, one at a time, seeds {seeds}; "
           f"shares of FIFO's trial-epochs, median (min-max) over seeds ('inf': never reached FIFO's best {KEY}); "
           "'within 1 SE': reached FIFO's best less one binomial standard error of its proxy (not the target)")
     for sched in others:
         print(f"{sched:14s} spent {Spread(spent[sched]).fmt()}   reached FIFO's best after "
-              f"{Spread(reach[sched]).fmt()}   (target <= 0.33)   within 1 SE after {Spread(near[sched]).fmt()}")
+              f"{Spread(reach[sched]).fmt()}   (target <= 0.33)   within 1 SE after {Spread(near[sched]).fmt()}"
+              + (f"   floor where reached {Spread(floor[sched]).fmt()} on {len(floor[sched])} seeds"
+                 if floor[sched] else ""))
     print(f"wall time {time.time() - t_start:.0f} s; {load_line(before)}")
     shutil.rmtree(storage, ignore_errors=True)  # the searches' trials: every figure is printed above
 

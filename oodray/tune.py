@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 DRIVER_CPUS = 0.25  # the trial driver only waits on its TorchTrainer
 SCHEDULER_STATE = "oodray_scheduler.json"  # ResumableASHA's rungs, beside the experiment
+TPE_STARTUP_TRIALS = 3  # TPE's first proposals are seeded random draws (independent of the results), then its model's
 __all__ = ["CONDITIONAL", "SPACE", "DefineByRun", "main", "narrowed_space", "trial_driver", "trial_overrides"]
 
 def trial_driver(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
@@ -229,7 +230,7 @@ def search(cfg: ExperimentConfig, exp_dir: str, storage: str, name: str, resume:
                                 sampler=optuna.samplers.NSGAIISampler(seed=seed, population_size=4))
     else:
         searcher = OptunaSearch(space=DefineByRun(space, max_depth), metric="objective", mode="max",
-                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS))
     scheduler = build_scheduler(cfg, Path(local_dir) / SCHEDULER_STATE)
     concurrency = cfg.tune.max_concurrent or cluster_concurrency(cfg)
     log.info("search: %d trials, %d at a time, objective %s", cfg.tune.num_samples, concurrency, cfg.tune.objective)

@@ -63,3 +63,20 @@ def test_search_efficiency_counts_and_places_epochs_in_reporting_order():
     assert top["objective"] == 0.5 and se.position(trials, top) == "trial 1 of 2, epoch 2"
     assert se.epochs_to_reach(trials, 0.3) == 3 and se.epochs_to_reach(trials, 0.5) == 4
     assert se.epochs_to_reach(trials, 0.6) is None
+
+
+def test_asha_floor_is_the_first_trials_budget_plus_a_grace_period_for_each_trial_between():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import search_efficiency as se
+
+    assert se.asha_floor(1, 3, budget=4, grace=1) == 3  # the first trial: only its own epochs
+    assert se.asha_floor(2, 4, budget=4, grace=1) == 8  # 4 (the first, run to its budget) + 4
+    assert se.asha_floor(5, 2, budget=8, grace=1) == 8 + 3 + 2
+    assert se.asha_floor(4, 1, budget=4, grace=9) == 4 + 2 * 4 + 1  # a grace period past the budget is the budget
+    with pytest.raises(ValueError, match="trial 0, epoch 1"):
+        se.asha_floor(0, 1, budget=4, grace=1)
+    assert se.grace_of("asha:3") == se.DEFAULT_GRACE == 1 and se.grace_of("asha:3:2") == 2
+    reports = {"x": [(1, 5.0)], "y": [(1, 1.0), (2, 2.0)]}  # x's only epoch comes after y's two
+    trials = [{"trial_id": t, "history": [{"trial_id": t, "epoch": e, "reported_at": at, "objective": 0.0}
+                                          for e, at in ep]} for t, ep in reports.items()]
+    assert se.trial_and_epoch(trials, trials[0]["history"][0]) == (2, 1)
