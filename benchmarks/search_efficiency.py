@@ -195,8 +195,7 @@ def main() -> None:
     for sched in others:
         print(f"{sched:14s} spent {Spread(spent[sched]).fmt()}   reached FIFO's best after "
               f"{Spread(reach[sched]).fmt()}   (target <= 0.33)   within 1 SE after {Spread(near[sched]).fmt()}"
-              + (f"   floor where reached {Spread(floor[sched]).fmt()} on {len(floor[sched])} seeds"
-                 if floor[sched] else ""))
+              + (f"   floor where reached {Spread(floor[sched]).fmt()}" if floor[sched] else ""))
     print(f"wall time {time.time() - t_start:.0f} s; {load_line(before)}")
     shutil.rmtree(storage, ignore_errors=True)  # the searches' trials: every figure is printed above
 
