@@ -47,19 +47,20 @@ from oodray.tune import TPE_STARTUP_TRIALS
 DEFAULT_GRACE = TuneConfig.grace_period
 
 
+def scheduler_settings(scheduler: str) -> dict[str, str]:
+    """The config settings a `name:reduction_factor[:grace_period]` scheduler stands for (those it gives)."""
+    keys = ("tune.scheduler", "tune.reduction_factor", "tune.grace_period")
+    return dict(zip(keys, scheduler.split(":"), strict=False))
+
+
 def grace_of(scheduler: str) -> int:
-    """The grace period of a `name:reduction_factor[:grace_period]` scheduler (the config's default if not given)."""
-    opts = scheduler.split(":")[1:]
-    return int(opts[1]) if len(opts) > 1 else DEFAULT_GRACE
+    """The grace period of a scheduler (the config's default if it gives none)."""
+    return int(scheduler_settings(scheduler).get("tune.grace_period", DEFAULT_GRACE))
 
 
 def run_search(storage: Path, name: str, args: argparse.Namespace, scheduler: str, seed: int) -> list[dict]:
-    kind, *opts = scheduler.split(":")
-    sets = [f"tune.scheduler={kind}", f"train.seed={seed}", "tune.space={train.regime: [oblivious]}"]
-    if opts:
-        sets.append(f"tune.reduction_factor={opts[0]}")
-    if len(opts) > 1:
-        sets.append(f"tune.grace_period={opts[1]}")
+    sets = [*(f"{k}={v}" for k, v in scheduler_settings(scheduler).items()), f"train.seed={seed}",
+            "tune.space={train.regime: [oblivious]}"]
     cmd = [sys.executable, "-m", "oodray.tune", "--dataset", args.dataset, "--num-samples", str(args.num_samples),
            "--epochs", str(args.epochs), "--final-top-k", "0", "--max-concurrent", "1", "--storage", str(storage),
            "--name", name, "-q", *[a for s in sets for a in ("--set", s)]]
@@ -151,7 +152,7 @@ def main() -> None:
     spent: dict[str, list[float]] = {s: [] for s in others}
     reach: dict[str, list[float]] = {s: [] for s in others}
     near: dict[str, list[float]] = {s: [] for s in others}  # within one standard error of FIFO's best
-    floor: dict[str, list[float]] = {s: [] for s in others}  # asha_floor of where FIFO's best was reached
+    floor: dict[str, list[float]] = {s: [] for s in others}  # asha_floor where each ASHA search reached FIFO's best
     for i, seed in enumerate(seeds):
         order = ["fifo", *others] if i % 2 == 0 else [*others[::-1], "fifo"]
         runs = {}

@@ -76,6 +76,9 @@ def test_asha_floor_is_the_first_trials_budget_plus_a_grace_period_for_each_tria
     with pytest.raises(ValueError, match="trial 0, epoch 1"):
         se.asha_floor(0, 1, budget=4, grace=1)
     assert se.grace_of("asha:3") == se.DEFAULT_GRACE == 1 and se.grace_of("asha:3:2") == 2
+    assert se.scheduler_settings("fifo") == {"tune.scheduler": "fifo"}
+    assert se.scheduler_settings("asha:3:2") == {"tune.scheduler": "asha", "tune.reduction_factor": "3",
+                                                 "tune.grace_period": "2"}
     reports = {"x": [(1, 5.0)], "y": [(1, 1.0), (2, 2.0)]}  # x's only epoch comes after y's two
     trials = [{"trial_id": t, "history": [{"trial_id": t, "epoch": e, "reported_at": at, "objective": 0.0}
                                           for e, at in ep]} for t, ep in reports.items()]
