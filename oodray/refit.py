@@ -30,7 +30,7 @@ from oodray.errors import ConfigError, OodrayError, RunFailed
 from oodray.evaluate import run_evaluation
 from oodray.io import read_json
 from oodray.locks import hold as hold_lock
-from oodray.models.translator import CHECKPOINT_FILE
+from oodray.models.translator import CHECKPOINT_FILE, load_translator_checkpoint
 from oodray.progress import Progress
 from oodray.results import recorded_classifier_passes
 from oodray.runtime import init_ray
@@ -39,7 +39,7 @@ from oodray.storage import is_uri, mirror_down
 from oodray.storage import join as storage_join
 from oodray.summaries import read_summary
 from oodray.tables import load_trials, rank_trials
-from oodray.train import fit_translator, prepare_run
+from oodray.train import fit_translator, prepare_run, resume_checkpoint
 
 log = logging.getLogger(__name__)
 REFIT_DIR = "refit"
@@ -122,6 +122,22 @@ def refit_configs(cfg: ExperimentConfig, top: list[dict[str, Any]], n_train: int
     return out
 
 
+def finished_refit(run_dir: Path, rcfg: ExperimentConfig) -> Path | None:
+    """The checkpoint file of a refit already trained to its whole budget under the same config (as Ray Train would
+    resume it, read from the local copy), else None: the refit is (re)started through Ray Train."""
+    if not run_dir.is_dir():
+        return None
+    resume = resume_checkpoint(run_dir, CHECKPOINT_FILE, load_translator_checkpoint)
+    if resume is None:
+        return None
+    ckpt, state = resume
+    try:
+        same = ExperimentConfig.from_dict(state["config"]) == rcfg
+    except ConfigError:
+        return None
+    return ckpt if same and state["epoch"] >= rcfg.train.epochs else None
+
+
 def run_refits(cfg: ExperimentConfig, top: list[dict[str, Any]], exp_uri: str, exp_dir: Path, n_train: int,
                ) -> list[tuple[ExperimentConfig, str, str]]:
     """Trains each refit under `<exp_uri>/refit/<label>` (a finished or interrupted one resumes by name); returns
@@ -129,6 +145,11 @@ def run_refits(cfg: ExperimentConfig, top: list[dict[str, Any]], exp_uri: str, e
     done = []
     jobs = refit_configs(cfg, top, n_train)
     for label, rcfg, budget in Progress("refit", len(jobs), "models").track(jobs):
+        kept = finished_refit(exp_dir / REFIT_DIR / label, rcfg)
+        if kept is not None:  # no worker group started again for a finished refit (minutes on a GPU cluster)
+            log.info("refit %s already trained for its %d epochs; kept", label, rcfg.train.epochs)
+            done.append((rcfg, str(kept), label))
+            continue
         log.info("refit %s: %s", label, budget.why)
         result = fit_translator(rcfg, prepare_run(rcfg), storage=storage_join(exp_uri, REFIT_DIR), name=label)
         if result.error or result.checkpoint is None:

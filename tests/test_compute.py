@@ -118,3 +118,28 @@ def test_refit_budget_matches_the_strongest_baseline(tmp_path):
     b = refit_budget(half, half, n_train=400)
     assert (b.epochs, b.max_batches) == (2, 6)  # 1.5 epochs of 8 batches of 50: 2 epochs of 6 batches
     assert refit_budget(cfg.replace(**{"tune.refit_epochs": 5}), cfg, 400).epochs == 5
+
+
+def test_a_refit_trained_to_its_budget_is_kept_and_any_other_is_fitted(tmp_path):
+    """A resumed search or `oodray.refit` re-run keeps a refit whose newest checkpoint holds its whole budget under
+    the same config (no Ray Train worker group started for it); one short of it, or of another config, is fitted."""
+    from oodray.io import save_checkpoint
+    from oodray.models.translator import CHECKPOINT_FILE, CHECKPOINT_FORMAT
+    from oodray.refit import finished_refit
+
+    cfg = resolve_config("synthetic", overrides=["train.epochs=2", "translator.arch=tiny"])
+    net = build_translator(cfg.translator, 1, (8, 8))
+    run = tmp_path / "refit-trial-1"
+    assert finished_refit(run, cfg) is None  # never started
+
+    def checkpoint(name: str, epoch: int, saved=cfg) -> None:
+        (run / name).mkdir(parents=True)
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": saved.to_dict(),
+                         "translator": net.state_dict()}, run / name / CHECKPOINT_FILE)
+
+    checkpoint("checkpoint_000000", 1)
+    assert finished_refit(run, cfg) is None  # one epoch of two: Ray Train resumes it
+    checkpoint("checkpoint_000001", 2)
+    assert finished_refit(run, cfg) == run / "checkpoint_000001" / CHECKPOINT_FILE
+    assert finished_refit(run, cfg.replace(**{"train.epochs": 3})) is None  # a larger budget under the same name
+    assert finished_refit(run, cfg.replace(**{"train.lr": 0.5})) is None  # not this config's run

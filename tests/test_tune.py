@@ -218,7 +218,7 @@ def test_asha_rungs_survive_a_restore(tmp_path):
 def test_refit_stage_retrains_the_best_config_and_is_what_gets_evaluated(tmp_path):
     """--refit-epochs: the top configuration is trained again from scratch for that budget, the final AutoAttack
     evaluates the refit model (not the short search trial), its row carries its training compute, and a resume
-    re-trains and re-evaluates nothing."""
+    re-trains and re-evaluates nothing (a finished refit starts no Ray Train run)."""
     # The fixture's search covers every threat model; here one (adaptive) on 8 images is enough to show what is
     # evaluated.
     args = [*TINY, "--num-samples", "1", "--refit-epochs", "2", "--set", "eval.n_examples=8", "--set",
@@ -243,6 +243,7 @@ def test_refit_stage_retrains_the_best_config_and_is_what_gets_evaluated(tmp_pat
     again = run_cli("oodray.tune", *args, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in before} == before
+    assert f"refit {run.name} already trained for its 2 epochs; kept" in again.stderr  # no Train worker group again
     # `python -m oodray.refit` on the finished search, named by a relative path (as experiments/*-budget.sh does):
     rel = os.path.relpath(exp, ROOT)
     later = run_cli("oodray.refit", rel, "--epochs", "1", "--suffix=-e1", "--n-examples", "8")
