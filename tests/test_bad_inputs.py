@@ -379,35 +379,6 @@ def test_only_oodray_io_unpickles():
     assert not offenders, offenders
 
 
-@pytest.mark.ray
-def test_local_ray_binds_its_dashboard_to_loopback(tmp_path):
-    """`oodray.runtime.init_ray` (used by every CLI) starts local Ray with its dashboard on 127.0.0.1 only."""
-    script = (
-        "import os, ray\n"
-        "from oodray.runtime import init_ray\n"
-        "init_ray(num_cpus=1)\n"
-        "print('URL', ray._private.worker._global_node.webui_url)\n"
-        "me = str(os.getpid())\n"
-        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
-        "    try:\n"
-        "        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode()\n"
-        "        ppid = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1]\n"
-        "    except OSError:\n"
-        "        continue\n"
-        "    if ppid == me and 'dashboard/dashboard.py' in cmd:\n"
-        "        print('DASHBOARD', cmd)\n"
-        "ray.shutdown()\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    url = re.search(r"^URL (\S+)$", proc.stdout, re.M)
-    assert url and url.group(1).startswith("127.0.0.1:"), proc.stdout
-    dash = re.findall(r"^DASHBOARD (.*)$", proc.stdout, re.M)
-    assert len(dash) == 1 and "--host=127.0.0.1" in dash[0] and "0.0.0.0" not in dash[0], dash
-
-
 @pytest.mark.parametrize("cli", ["train", "tune"])
 @pytest.mark.parametrize("name", ["../escape", "a/../../escape", "<absolute>"])
 def test_names_cannot_escape_the_storage_directory(cli, name, tmp_path, monkeypatch, capsys):

@@ -127,6 +127,7 @@ while {w for w in want if any(w in r[3] for r in scan())} != want and time.time(
 time.sleep(3)  # late listeners (the autoscaler's metrics server) get their chance to show
 rows = scan()
 print("NODE_IP", ray.util.get_node_ip_address())
+print("URL", ray._private.worker._global_node.webui_url)
 print("LISTEN", json.dumps(rows))
 ray.shutdown()
 """
@@ -137,7 +138,7 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def test_local_ray_listens_on_loopback_only():
     """Every listening socket of the local Ray that `init_ray` starts (GCS, raylet with its object manager, dashboard,
     dashboard agent with its metrics export, runtime-env agent, the driver's and a worker's gRPC servers) is bound to
-    loopback, and the node IP is 127.0.0.1."""
+    loopback, the node IP is 127.0.0.1 and the dashboard's URL is on 127.0.0.1."""
     import json
     import os
     import re
@@ -156,6 +157,7 @@ def test_local_ray_listens_on_loopback_only():
     assert not exposed, "listening beyond loopback:\n" + "\n".join(f"{ip}:{port} pid {pid} {cmd}"
                                                                      for ip, port, pid, cmd in exposed)
     assert re.search(r"^NODE_IP 127\.0\.0\.1$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^URL 127\.0\.0\.1:\d+$", proc.stdout, re.M), proc.stdout
 
 
 # --- item 6: atomic, durable writes; a full disk is one line and leaves no temp files ------------------------------
