@@ -26,7 +26,7 @@ from oodray.cli import run, setup_logging
 from oodray.compute import attack_passes, translator_step_passes
 from oodray.config import ExperimentConfig, classifier_key
 from oodray.data import load_dataset
-from oodray.errors import ConfigError, OodrayError, RunFailed
+from oodray.errors import CheckpointError, ConfigError, OodrayError, RunFailed
 from oodray.evaluate import run_evaluation
 from oodray.io import read_json
 from oodray.locks import hold as hold_lock
@@ -127,13 +127,13 @@ def finished_refit(run_dir: Path, rcfg: ExperimentConfig) -> Path | None:
     resume it, read from the local copy), else None: the refit is (re)started through Ray Train."""
     if not run_dir.is_dir():
         return None
-    resume = resume_checkpoint(run_dir, CHECKPOINT_FILE, load_translator_checkpoint)
-    if resume is None:
-        return None
-    ckpt, state = resume
-    try:
+    try:  # a damaged or foreign checkpoint is not kept: Ray Train's resume deals with it as without this shortcut
+        resume = resume_checkpoint(run_dir, CHECKPOINT_FILE, load_translator_checkpoint)
+        if resume is None:
+            return None
+        ckpt, state = resume
         same = ExperimentConfig.from_dict(state["config"]) == rcfg
-    except ConfigError:
+    except (CheckpointError, ConfigError):
         return None
     return ckpt if same and state["epoch"] >= rcfg.train.epochs else None
 

@@ -143,3 +143,6 @@ def test_a_refit_trained_to_its_budget_is_kept_and_any_other_is_fitted(tmp_path)
     assert finished_refit(run, cfg) == run / "checkpoint_000001" / CHECKPOINT_FILE
     assert finished_refit(run, cfg.replace(**{"train.epochs": 3})) is None  # a larger budget under the same name
     assert finished_refit(run, cfg.replace(**{"train.lr": 0.5})) is None  # not this config's run
+    (run / "checkpoint_000002").mkdir()
+    (run / "checkpoint_000002" / CHECKPOINT_FILE).write_bytes(b"cut short")  # a newer one never completed
+    assert finished_refit(run, cfg) == run / "checkpoint_000001" / CHECKPOINT_FILE
