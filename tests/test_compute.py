@@ -132,9 +132,9 @@ def test_a_refit_trained_to_its_budget_is_kept_and_any_other_is_fitted(tmp_path)
     run = tmp_path / "refit-trial-1"
     assert finished_refit(run, cfg) is None  # never started
 
-    def checkpoint(name: str, epoch: int, saved=cfg) -> None:
+    def checkpoint(name: str, epoch: int) -> None:
         (run / name).mkdir(parents=True)
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": saved.to_dict(),
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": cfg.to_dict(),
                          "translator": net.state_dict()}, run / name / CHECKPOINT_FILE)
 
     checkpoint("checkpoint_000000", 1)
