@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -53,6 +54,18 @@ def init_ray(num_cpus: int | None = None) -> None:
     # (measured: 3.6-5.2 s from the last report to fit()'s return at 2 s, 1.5-1.7 s at 0.5 s; docs/benchmarks.md
     # has the command). A value already set wins; Ray propagates it from the driver to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # ray.init replaces the driver's SIGTERM handler with sys.exit(15): a SIGTERM outside the search (the cache build,
+    # the final AutoAttack) then exited 15 without saying where it stopped or how to resume. The handler the command
+    # had (oodray.cli.run's: stop as Ctrl-C does, exit 130) is put back once Ray is up; a default one is left to Ray.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(ray, num_cpus)
+    finally:
+        if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _init(ray: Any, num_cpus: int | None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         _check_reachable(os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)

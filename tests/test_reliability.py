@@ -160,6 +160,47 @@ def test_local_ray_listens_on_loopback_only():
     assert re.search(r"^URL 127\.0\.0\.1:\d+$", proc.stdout, re.M), proc.stdout
 
 
+SIGTERM_PROBE = r"""
+import time
+from oodray.cli import run
+from oodray.runtime import init_ray
+
+
+def main(argv):
+    init_ray(num_cpus=1)
+    print("READY", flush=True)
+    time.sleep(600)
+
+
+run(main)
+"""
+
+
+@pytest.mark.ray
+def test_sigterm_after_ray_starts_stops_as_ctrl_c_does():
+    """ray.init sets the driver's SIGTERM handler to sys.exit(15); a command's own (stop as Ctrl-C does: exit 130,
+    a line saying finished work is kept) must survive it, or a SIGTERM outside the search exits 15 without one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=CODE, env={**env, "PYTHONPATH": str(CODE)})
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()[-3000:] if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert rc == 130, err[-3000:]
+    assert "finished work is kept" in [ln for ln in err.splitlines() if ln.strip()][-1], err[-3000:]
+
+
 # --- item 6: atomic, durable writes; a full disk is one line and leaves no temp files ------------------------------
 
 
