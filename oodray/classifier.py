@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from oodray.cli import add_config_args, config_from_args, run, setup_logging
+from oodray.cli import add_config_args, config_from_args, end_ray, run, setup_logging
 from oodray.config import check_eps, classifier_key
 from oodray.data import load_dataset
 from oodray.fixed_classifier import check_classifier_config, classifier_path, get_classifier, train_classifier
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_dataset(cfg.data) if cfg.classifier.workers == 0 else None  # Ray Train workers read it themselves
     t0 = time.time()
     model, path = get_classifier(cfg, splits, force=args.force)
+    end_ray()
     saved = json.loads((path.parent / "metrics.json").read_text()) if (path.parent / "metrics.json").is_file() else {}
     if saved.get("test_accuracy") is None:  # a classifier cached before metrics.json existed
         splits = splits or load_dataset(cfg.data)

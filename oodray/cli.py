@@ -49,13 +49,19 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     set_quiet(quiet)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its INFO lines repeat the settings per object
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+_command = {"ours": False}  # whether the command `run` runs connected to a Ray of its own (see end_ray)
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Runs a CLI main under the exit policy above. SIGTERM stops it as Ctrl-C does (finished work kept, exit 130)."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     ours = not _ray_connected()  # a Ray this command connects to is its own to stop; a caller's is left alone
+    _command["ours"] = ours
     try:
         code = main(argv)
     except OodrayError as e:
@@ -72,9 +78,18 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
               "command)", file=sys.stderr)
         sys.exit(130)
     finally:
+        _command["ours"] = False
         signal.signal(signal.SIGTERM, previous)
         release_all()  # the run locks a command took (oodray.locks.hold) end with it
     sys.exit(code or 0)
+
+
+def end_ray() -> None:
+    """Called by a command when its work is done, before the lines that end it (its table, where its results are):
+    disconnects from the Ray this command connected to, so that no worker log line that Ray relays late comes after
+    them (seen: an AutoAttack shard's line after a search's last line). A command run in-process (from a test or a
+    notebook, not through `run`) leaves the caller's Ray connected."""
+    _stop_ray(_command["ours"])
 
 
 def _ray_connected() -> bool:

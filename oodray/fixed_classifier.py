@@ -38,7 +38,14 @@ from oodray.models.classifier import (
     load_classifier,
     save_classifier,
 )
-from oodray.runtime import amp_autocast, fast_layout, init_ray_for, use_channels_last
+from oodray.runtime import (
+    amp_autocast,
+    fast_layout,
+    init_ray_for,
+    quiet_train_reports,
+    train_logging,
+    use_channels_last,
+)
 from oodray.storage import is_uri, storage_uri
 
 log = logging.getLogger(__name__)
@@ -262,6 +269,7 @@ def classifier_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = ExperimentConfig.from_dict(loop_config["config"])
+    quiet_train_reports(cfg.train.ray_log_level)
     c = cfg.classifier
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -354,7 +362,8 @@ def train_classifier_ray(cfg: ExperimentConfig) -> tuple[Classifier, dict[str, A
         run_config=ray.train.RunConfig(
             name=f"classifier-{classifier_key(cfg)}", storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            logging_config=train_logging(cfg.train.ray_log_level)))
     result = trainer.fit()
     if result.error:
         raise RunFailed(f"training the classifier failed: {result.error}")

@@ -137,6 +137,26 @@ def amp_autocast(device: Any, enabled: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def train_logging(level: str) -> Any:
+    """Ray Train's `LoggingConfig` for a TorchTrainer's RunConfig: its console lines at `level` (`train.ray_log_level`);
+    its log files in the Ray session keep every level."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level=level)
+
+
+def quiet_train_reports(level: str) -> None:
+    """On a Ray Train worker: the same level for the line Ray Train 2.60 logs at every `ray.train.report` (the whole
+    metrics dict, some 2,000 characters per epoch). It comes from a logger named by its source file
+    (ray/train/v2/_internal/execution/context.py), which the `ray.train` filter of `train_logging` does not reach.
+    Where a Ray version has no such module, nothing changes."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def init_ray_for(cpus: float, gpus: float, what: str, *,
                  bundles: list[dict[str, float]] | None = None) -> None:
     """`init_ray` for work that needs `cpus` and `gpus` at once, as `bundles` (one per worker or task, each placed on

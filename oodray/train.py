@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from oodray.attacks import attack_specs, mixed_attack
 from oodray.cache import ObliviousCache, build_oblivious_cache, check_cache_space
-from oodray.cli import add_config_args, config_from_args, run, setup_logging
+from oodray.cli import add_config_args, config_from_args, end_ray, run, setup_logging
 from oodray.compute import Compute, attack_passes, translator_step_passes
 from oodray.config import ExperimentConfig, classifier_key, config_hash, save_config
 from oodray.data import eval_subset, is_streamed, load_dataset, stack
@@ -56,7 +56,16 @@ from oodray.models.translator import (
     checkpoint_dirs,
     load_translator_checkpoint,
 )
-from oodray.runtime import amp_autocast, fast_layout, init_ray, init_ray_for, pin_ray_address, use_channels_last
+from oodray.runtime import (
+    amp_autocast,
+    fast_layout,
+    init_ray,
+    init_ray_for,
+    pin_ray_address,
+    quiet_train_reports,
+    train_logging,
+    use_channels_last,
+)
 from oodray.shifts import random_shifts
 from oodray.storage import is_uri, storage_uri
 
@@ -139,6 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     entered = time.time()
     cfg = ExperimentConfig.from_dict(loop_config["config"])
+    quiet_train_reports(cfg.train.ray_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -449,7 +459,8 @@ def fit_translator(cfg: ExperimentConfig, loop_config: dict[str, Any], *, storag
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_uri(storage), callbacks=callbacks,  # Ray wants local paths absolute
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=train_logging(cfg.train.ray_log_level)),
     )
     return trainer.fit()
 
@@ -501,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     if result.error:
         raise RunFailed(f"training failed: {result.error}")
+    end_ray()
     m = result.metrics or {}
     print(f"trained {cfg.translator.arch} on {cfg.data.name} for {m.get('epoch')} epochs in {time.time() - t0:.0f}s: "
           f"clean acc of C(T(x)) {m.get('clean_accuracy', float('nan')):.4f}, proxy robust acc (PGD-"

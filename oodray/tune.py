@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from oodray.cache import build_oblivious_cache, check_cache_space
-from oodray.cli import add_config_args, config_from_args, run, setup_logging
+from oodray.cli import add_config_args, config_from_args, end_ray, run, setup_logging
 from oodray.config import ExperimentConfig, config_hash, flatten, save_config
 from oodray.data import load_dataset
 from oodray.errors import Interrupted, OodrayError, RunFailed
@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         raise Interrupted(f"stopped during {step}; finished work is kept in {exp_uri}. Resume with: "
                           f"{resume_cmd}") from None
+    end_ray()
     table = build_table(exp_dir)
     plots = write_outputs(table, exp_dir)
     print_leaderboard(exp_dir, table)  # results.md keeps every column

@@ -136,3 +136,12 @@ def test_the_layout_leaves_run_names_alone():
     assert config_hash(cfg.replace(**{"train.amp": False})) != config_hash(cfg)  # amp still names a run
     with pytest.raises(ConfigError, match="train.channels_last"):
         cfg.replace(**{"train.channels_last": "sometimes"})
+
+
+def test_the_console_level_leaves_run_names_alone():
+    """`train.ray_log_level` only changes what the console shows: a run resumes under its name at any level."""
+    from oodray.config import config_hash
+
+    cfg = resolve_config("digits")
+    assert cfg.train.ray_log_level == "WARNING"
+    assert config_hash(cfg.replace(**{"train.ray_log_level": "INFO"})) == config_hash(cfg) == "05e2289b21"

@@ -202,6 +202,51 @@ def test_sigterm_after_ray_starts_stops_as_ctrl_c_does():
     assert "finished work is kept" in [ln for ln in err.splitlines() if ln.strip()][-1], err[-3000:]
 
 
+LAST_LINE_PROBE = r"""
+import sys
+import ray
+from oodray.cli import end_ray, run, setup_logging
+from oodray.runtime import init_ray
+
+
+@ray.remote
+def chatty(i):
+    import time
+    time.sleep(0.2 * i)
+    print("the same line from every task", file=sys.stderr, flush=True)
+
+
+def main(argv):
+    setup_logging()
+    init_ray(num_cpus=2)
+    ray.get([chatty.remote(i) for i in range(6)])
+    end_ray()
+    print("LAST LINE", flush=True)
+    return 0
+
+
+run(main)
+"""
+
+
+@pytest.mark.ray
+def test_a_command_s_last_line_comes_after_every_worker_line():
+    """Ray relays repeated worker lines late, as one "[repeated Nx across cluster]" line some seconds on (seen after a
+    search's last line: an AutoAttack shard's). `end_ray`, which every command calls before its closing lines,
+    disconnects from the command's Ray first. Without it the relayed line comes after "LAST LINE" here."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", LAST_LINE_PROBE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, cwd=CODE, env={**env, "PYTHONPATH": str(CODE)}, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert any("the same line from every task" in ln for ln in lines), proc.stdout[-3000:]  # relayed: not vacuous
+    assert lines[-1] == "LAST LINE", proc.stdout[-3000:]
+
+
 # --- item 6: atomic, durable writes; a full disk is one line and leaves no temp files ------------------------------
 
 

@@ -111,6 +111,16 @@ def experiment(tmp_path_factory) -> Experiment:
     return Experiment(root / "bucket" / "tiny", proc, storage, where, root / "stage" / "tiny")
 
 
+def test_the_console_shows_oodray_s_lines_not_ray_train_s_chatter(experiment):
+    """At `train.ray_log_level: WARNING` (the default) Ray Train's INFO lines stay off the console: every report with
+    its whole metrics dict (some 2,000 characters per epoch), every checkpoint, each worker group's start."""
+    out = experiment.proc.stdout + experiment.proc.stderr
+    assert "(attack_shard" in out, out[-3000:]  # workers' lines do reach this console: the checks below are not vacuous
+    for chatter in ("Reporting training result", "Checkpoint successfully created", "Started training worker group",
+                    "Moving model to device"):
+        assert chatter not in out, chatter
+
+
 def test_tiny_search_yields_a_full_table(experiment):
     exp, proc = experiment.exp, experiment.proc
     assert (exp / "tuner.pkl").exists() and list(exp.glob("train/trial-*/checkpoint_*/translator.pt"))

@@ -75,6 +75,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "train.amp": ("often", "true or false"),
     "train.channels_last": ("sometimes", "true or false"),
     "train.max_batches": ("-1", "> 0"),
+    "train.ray_log_level": ("LOUD", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     "cache.batch_size": ("0", "> 0"),
     "cache.shards_per_task": ("0", "> 0"),
     "cache.gpus_per_task": ("-1", ">= 0"),

@@ -13,6 +13,7 @@ from oodray.config.schema import ClassifierConfig, ExperimentConfig
 
 LOADER_KEYS = ("loader_workers", "prefetch_factor", "pin_memory", "persistent_workers")
 LAYOUT_KEYS = ("channels_last",)  # train.*: how tensors lie in memory changes float rounding, not the experiment
+LOGGING_KEYS = ("ray_log_level",)  # train.*: what the console shows
 
 
 def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "classifier", "translator", "loss",
@@ -21,8 +22,8 @@ def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "cla
     d = cfg.to_dict()
     for key in LOADER_KEYS:  # how batches are fed changes no result: a run resumes whatever the loader settings
         d["data"].pop(key)
-    for key in LAYOUT_KEYS:  # nor does the memory layout (names from before the key existed stay valid)
-        d["train"].pop(key)
+    for key in (*LAYOUT_KEYS, *LOGGING_KEYS):  # nor does the memory layout or the console (names from before these
+        d["train"].pop(key)                  # keys existed stay valid)
     blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

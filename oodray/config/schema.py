@@ -27,6 +27,7 @@ AA_VERSIONS = ("standard", "plus", "rand")
 OBJECTIVES = ("robust", "pareto")
 SCHEDULERS = ("asha", "hyperband", "bohb", "fifo")
 TRAIN_ATTACKS = ("pgd", "fgsm", "apgd-ce")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # Python logging's, as Ray Train's LoggingConfig takes
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -215,9 +216,14 @@ class TrainConfig:
     # always, on CPU for images up to 64 px, where it is faster, and NCHW above (runtime.use_channels_last)
     channels_last: bool | None = None
     max_batches: int | None = None  # cap on batches per epoch (tests, quick searches)
+    # Ray Train's own lines on the console (its worker group's start, every report with its whole metrics dict, every
+    # checkpoint written): WARNING shows only its warnings and errors, INFO all of them. Its log files in the Ray
+    # session keep every level. Not in run names: it changes no result
+    ray_log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
         check_choice("train.regime", self.regime, REGIMES)
+        check_choice("train.ray_log_level", self.ray_log_level, LOG_LEVELS)
         check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.lr", self.lr)

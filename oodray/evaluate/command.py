@@ -10,11 +10,10 @@ tasks; resumable.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
-from oodray.cli import add_config_args, config_from_args, setup_logging
+from oodray.cli import add_config_args, config_from_args, end_ray, setup_logging
 from oodray.config import ExperimentConfig, config_for_checkpoint
 from oodray.errors import ConfigError
 from oodray.evaluate.driver import run_evaluation, summary_tables
@@ -66,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    if not args.verbose:
-        logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its INFO lines repeat the settings per object
     eval_layer = {"threat_models": args.threat_models, "norms": args.norm, "eps": _floats(args.eps, "--eps"),
                   "n_examples": args.n_examples, "version": args.version, "shards": args.shards,
                   "batch_size": args.batch_size, "gpus_per_task": args.gpus_per_task,
@@ -92,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     out, label = Path(args.out) if args.out else out, args.label or label
     t0 = time.time()
     summary = run_evaluation(cfg, checkpoint=args.checkpoint, out_dir=out, label=label)  # EvaluationFailed: exit 1
+    end_ray()
     attacks, shifts = summary_tables(summary)
     print(f"\n{label}: {cfg.data.name}, translator {summary['translator']}, {summary['n_examples']} examples, "
           f"AutoAttack {cfg.eval.version} [{time.time() - t0:.0f}s]\n")
