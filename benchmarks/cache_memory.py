@@ -1,7 +1,7 @@
 """Memory flatness of the oblivious cache: peak RSS of a cache build and of a trainer's input loop reading the cache,
 at N and 4N training images, side by side in one run (median of interleaved repeats, min-max).
 
-    python benchmarks/cache_memory.py [--n 6000] [--repeats 3]
+    python benchmarks/cache_memory.py [--n 6000] [--repeats 9]
 
 Data: Fashion-MNIST (Debian's `dataset-fashion-mnist`), its first N and 4N training images, against a fixed
 classifier with random weights (`classifier.epochs=0`: the memory of an attack does not depend on C's accuracy) and
@@ -138,7 +138,9 @@ def _fmt(values: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=6000, help="N; 4N must fit Fashion-MNIST's 54,000 training images")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=9,  # about 6 min at --n 8000 on the Intel Xeon
+                   help="interleaved repeats (9: two runs of an unchanged benchmark agree both ways in 0.94 of "
+                        "pairs by chance, 3: in 0.40; benchmarks/spread.py)")
     p.add_argument("--child", choices=["build", "read", "read-whole"], help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
