@@ -363,7 +363,7 @@ def train_classifier_ray(cfg: ExperimentConfig) -> tuple[Classifier, dict[str, A
             name=f"classifier-{classifier_key(cfg)}", storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            logging_config=train_logging(cfg.train.ray_log_level)))
+            **train_logging(cfg.train.ray_log_level)))
     result = trainer.fit()
     if result.error:
         raise RunFailed(f"training the classifier failed: {result.error}")

@@ -137,12 +137,14 @@ def amp_autocast(device: Any, enabled: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def train_logging(level: str) -> Any:
-    """Ray Train's `LoggingConfig` for a TorchTrainer's RunConfig: its console lines at `level` (`train.ray_log_level`);
-    its log files in the Ray session keep every level."""
+def train_logging(level: str) -> dict[str, Any]:
+    """The RunConfig arguments that put Ray Train's console lines at `level` (`train.ray_log_level`): its
+    `LoggingConfig`, whose log files in the Ray session keep every level. Nothing on a Ray without it (alpha in 2.60;
+    oodray accepts Ray from 2.50), where Ray Train's console stays as that version has it."""
     import ray.train
 
-    return ray.train.LoggingConfig(log_level=level)
+    config = getattr(ray.train, "LoggingConfig", None)
+    return {"logging_config": config(log_level=level)} if config is not None else {}
 
 
 def quiet_train_reports(level: str) -> None:

@@ -460,7 +460,7 @@ def fit_translator(cfg: ExperimentConfig, loop_config: dict[str, Any], *, storag
             name=name, storage_path=storage_uri(storage), callbacks=callbacks,  # Ray wants local paths absolute
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=train_logging(cfg.train.ray_log_level)),
+            **train_logging(cfg.train.ray_log_level)),
     )
     return trainer.fit()
 

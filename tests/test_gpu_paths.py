@@ -145,3 +145,16 @@ def test_the_console_level_leaves_run_names_alone():
     cfg = resolve_config("digits")
     assert cfg.train.ray_log_level == "WARNING"
     assert config_hash(cfg.replace(**{"train.ray_log_level": "INFO"})) == config_hash(cfg) == "05e2289b21"
+
+
+def test_ray_train_logging_on_a_ray_with_and_without_its_logging_config(monkeypatch):
+    """Ray Train's LoggingConfig is alpha in Ray 2.60 and absent from older Rays that oodray accepts (>= 2.50): the
+    RunConfig then gets no logging argument rather than one it would refuse."""
+    import ray.train
+
+    from oodray.runtime import train_logging
+
+    got = train_logging("ERROR")
+    assert list(got) == ["logging_config"] and got["logging_config"].log_level == "ERROR"
+    monkeypatch.delattr(ray.train, "LoggingConfig")
+    assert train_logging("ERROR") == {}
