@@ -60,20 +60,19 @@ _command = {"ours": False}  # whether the command `run` runs connected to a Ray 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Runs a CLI main under the exit policy above. SIGTERM stops it as Ctrl-C does (finished work kept, exit 130)."""
     previous = signal.signal(signal.SIGTERM, _terminate)
-    ours = not _ray_connected()  # a Ray this command connects to is its own to stop; a caller's is left alone
-    _command["ours"] = ours
+    _command["ours"] = not _ray_connected()  # a Ray it connects to is its own to stop; a caller's stays
     try:
         code = main(argv)
     except OodrayError as e:
-        _stop_ray(ours)
+        end_ray()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as e:
-        _stop_ray(ours)
+        end_ray()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        _stop_ray(ours)
+        end_ray()
         print(str(e) if isinstance(e, Interrupted) else "interrupted; finished work is kept (resume with the same "
               "command)", file=sys.stderr)
         sys.exit(130)
@@ -85,10 +84,11 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
 
 
 def end_ray() -> None:
-    """Called by a command when its work is done, before the lines that end it (its table, where its results are):
-    disconnects from the Ray this command connected to, so that no worker log line that Ray relays late comes after
-    them (seen: an AutoAttack shard's line after a search's last line). A command run in-process (from a test or a
-    notebook, not through `run`) leaves the caller's Ray connected."""
+    """Called before a command's last lines: by `run` before its error or interrupt line, and by a command whose work
+    is done before the lines that end it (its table, where its results are). Disconnects from the Ray this command
+    connected to, so that no worker log line that Ray relays late comes after them (seen: an AutoAttack shard's line
+    after a search's last line). A command run in-process (from a test or a notebook, not through `run`) leaves the
+    caller's Ray connected."""
     _stop_ray(_command["ours"])
 
 

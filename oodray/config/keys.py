@@ -22,8 +22,9 @@ def config_hash(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "cla
     d = cfg.to_dict()
     for key in LOADER_KEYS:  # how batches are fed changes no result: a run resumes whatever the loader settings
         d["data"].pop(key)
-    for key in (*LAYOUT_KEYS, *LOGGING_KEYS):  # nor does the memory layout or the console (names from before these
-        d["train"].pop(key)                  # keys existed stay valid)
+    # nor does the memory layout or what the console shows (names from before these keys existed stay valid)
+    for key in (*LAYOUT_KEYS, *LOGGING_KEYS):
+        d["train"].pop(key)
     blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
