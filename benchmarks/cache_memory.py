@@ -29,7 +29,11 @@ import threading
 import time
 from pathlib import Path
 
-from spread import process_tree  # the benchmarks' shared helpers (puts the repository on sys.path)
+from spread import (  # the benchmarks' shared helpers (puts the repository on sys.path)
+    positive_int,
+    process_tree,
+    run_main,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +142,7 @@ def _fmt(values: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=6000, help="N; 4N must fit Fashion-MNIST's 54,000 training images")
-    p.add_argument("--repeats", type=int, default=9,  # about 6 min at --n 8000 on the Intel Xeon
+    p.add_argument("--repeats", type=positive_int, default=9,  # about 6 min at --n 8000 on the Intel Xeon
                    help="interleaved repeats (9: two runs of an unchanged benchmark agree both ways in 0.94 of "
                         "pairs by chance, 3: in 0.40; benchmarks/spread.py)")
     p.add_argument("--child", choices=["build", "read", "read-whole"], help=argparse.SUPPRESS)
@@ -188,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
-from spread import Spread, load_line, settle  # noqa: E402
+from spread import Spread, load_line, positive_int, run_main, settle  # noqa: E402
 
 from oodray.classifier import get_classifier  # noqa: E402
 from oodray.config import resolve_config  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=0.12)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--overhead-tasks", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3, help="runs of each mode, in alternating order")
+    p.add_argument("--repeats", type=positive_int, default=3, help="runs of each mode, in alternating order")
     args = p.parse_args()
     before = settle()
     k = args.shards
@@ -105,4 +105,4 @@ def main() -> None:
     print(load_line(before))
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

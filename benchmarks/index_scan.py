@@ -31,6 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spread import positive_int, run_main  # noqa: E402  (the benchmarks' shared helpers)
+
 from oodray.imagefolder import index_path, load_index  # noqa: E402
 
 IMAGENET_FILES = 1_281_167 + 50_000
@@ -60,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--per-class", type=int, default=400)
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--repeats", type=positive_int, default=9)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="oodray-index-bench-"))
     try:
@@ -108,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

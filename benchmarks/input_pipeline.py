@@ -34,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spread import positive_int, run_main  # noqa: E402  (the benchmarks' shared helpers)
+
 from oodray.config import resolve_config  # noqa: E402
 from oodray.data import is_streamed, load_dataset  # noqa: E402
 from oodray.toydata import make_toy_imagefolder  # noqa: E402
@@ -99,7 +101,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=600, help="training images (10 classes)")
     p.add_argument("--source-size", type=int, default=320, help="side of the generated JPEG files")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="decode processes (CPU cores) compared")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="oodray-input-bench-"))
@@ -144,4 +146,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

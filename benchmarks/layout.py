@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from spread import Spread, interleaved, load_line, settle  # puts the repository on sys.path
+from spread import Spread, interleaved, load_line, positive_int, run_main, settle  # puts the repository on sys.path
 
 from oodray.attacks import pgd
 from oodray.config import resolve_config
@@ -41,7 +41,7 @@ SYNTHETIC = {"cifar10": (10, 3), "imagenet": (1000, 3)}  # classes, channels of 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="train steps (or PGD runs) per timed repeat")
     p.add_argument("--threads", type=int, default=1)
@@ -117,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

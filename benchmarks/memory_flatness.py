@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spread import process_tree  # noqa: E402
+from spread import positive_int, process_tree, run_main  # noqa: E402
 
 from oodray.toydata import make_toy_imagefolder  # noqa: E402
 
@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=300, help="training images of the small dataset (the large one: 4x)")
     p.add_argument("--source-size", type=int, default=96)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--steps", default="trainer,cache build,eval driver",
                    help="comma-separated subset of: trainer, cache build, eval driver")
     args = p.parse_args()
@@ -171,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,7 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from spread import Spread, fit_split, interleaved, load_line, settle  # puts the repository on sys.path
+from spread import (  # puts the repository on sys.path
+    Spread,
+    fit_split,
+    interleaved,
+    load_line,
+    positive_int,
+    run_main,
+    settle,
+)
 
 from oodray.classifier import get_classifier
 from oodray.config import resolve_config
@@ -46,8 +54,8 @@ def with_classifier(cpath: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--trials", type=int, default=8, help="search size the saving is projected to")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--trials", type=positive_int, default=8, help="search size the saving is projected to")
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     before = settle()
@@ -86,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -38,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from spread import Spread, load, load_line  # puts the repository on sys.path for what follows
+from spread import Spread, load, load_line, run_main  # puts the repository on sys.path for what follows
 
+from oodray.config import resolve_config
 from oodray.config.schema import TuneConfig
 from oodray.results import load_trials
 from oodray.tune import TPE_STARTUP_TRIALS
@@ -147,6 +148,8 @@ def main() -> None:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     others = [s for s in args.schedulers.split(",") if s != "fifo"]
+    for scheduler in others:  # each one's settings refused now (one line, exit 2), not after the first FIFO search
+        resolve_config(args.dataset, None, [f"{k}={v}" for k, v in scheduler_settings(scheduler).items()])
     before, t_start = load(), time.time()
     storage = Path(tempfile.mkdtemp(prefix="oodray-search-"))
     spent: dict[str, list[float]] = {s: [] for s in others}
@@ -202,4 +205,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,6 +31,25 @@ QUIET_CPUS = 0.25  # a machine with fewer CPUs busy than this (over 2 s) counts 
 DRAWS = 100_000  # pairs of runs that agreement_chance samples where it cannot enumerate
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (repeats, trials): a whole number >= 1, else argparse's one error line and exit 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted; give a whole number >= 1")
+    return value
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a benchmark's main under oodray's exit policy (`oodray.cli.run`): bad input (an unknown dataset, a value
+    the config refuses) is one line and exit 2, Ctrl-C or SIGTERM exit 130."""
+    from oodray.cli import run
+
+    run(lambda _argv: main())
+
+
 @dataclass(frozen=True)
 class Spread:
     values: tuple[float, ...]
@@ -205,7 +224,7 @@ def agreement_chance(n: int, draws: int = DRAWS, seed: int = 0) -> tuple[float, 
 def main() -> None:
     p = argparse.ArgumentParser(description="How often two runs of an unchanged benchmark fail the agreement rule "
                                 "(each median inside the other run's min-max) by chance alone, per number of repeats.")
-    p.add_argument("--repeats", type=int, nargs="+", default=[2, 3, 4, 5, 7, 9])
+    p.add_argument("--repeats", type=int, nargs="+", default=[2, 3, 4, 5, 7, 9])  # checked below, with its own line
     args = p.parse_args()
     if bad := [n for n in args.repeats if n < 1]:
         p.error(f"--repeats {bad[0]}: a run has at least 1 repeat")
@@ -217,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,7 +29,15 @@ import tempfile
 import time
 
 import torch
-from spread import Spread, fit_split, interleaved, load_line, settle  # puts the repository on sys.path for what follows
+from spread import (  # puts the repository on sys.path for what follows
+    Spread,
+    fit_split,
+    interleaved,
+    load_line,
+    positive_int,
+    run_main,
+    settle,
+)
 from torch.utils.data import DataLoader
 
 from oodray.cache import ObliviousCache, ensure_oblivious_cache
@@ -176,7 +184,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--profile", action="store_true", help="also time the parts of a training step, 1 and 2 workers")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
@@ -228,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

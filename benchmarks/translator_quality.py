@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from spread import Spread, load, load_line, settle  # puts the repository on sys.path for what follows
+from spread import Spread, load, load_line, run_main, settle  # puts the repository on sys.path for what follows
 
 from oodray.attacks import pgd
 from oodray.classifier import get_classifier
@@ -85,4 +85,4 @@ def measure(name: str, seed: int, args: argparse.Namespace) -> dict:
             "gate flags clean": defended.flag_rate(x), "gate flags oblivious": defended.flag_rate(x_obl)}
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -83,3 +83,18 @@ def test_asha_floor_is_the_first_trials_budget_plus_a_grace_period_for_each_tria
     trials = [{"trial_id": t, "history": [{"trial_id": t, "epoch": e, "reported_at": at, "objective": 0.0}
                                           for e, at in ep]} for t, ep in reports.items()]
     assert se.trial_and_epoch(trials, trials[0]["history"][0]) == (2, 1)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["index_scan.py", "--repeats", "0"], "--repeats: '0' is not accepted"),
+    (["search_efficiency.py", "--schedulers", "fifo,pbt:3"], "tune.scheduler='pbt'"),
+    (["oblivious_cache.py", "--dataset", "imagenett"], "unknown dataset 'imagenett'"),
+])
+def test_a_benchmark_refuses_bad_input_in_one_line_before_it_runs(args, needle):
+    """A bad count, scheduler or dataset is one line and exit 2 at once: search_efficiency used to run its whole FIFO
+    search (minutes) before the scheduler it would compare was refused."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert needle in lines[-1], lines[-1:]
